@@ -1,0 +1,3 @@
+from sorakit.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Model definitions. Nothing here imports training or CLI code."""

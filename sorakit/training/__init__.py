@@ -1,0 +1,1 @@
+"""Lightning training recipes for every stage. Imports models and data; never imported by them."""
