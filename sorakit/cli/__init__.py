@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # One module per concern; each registers its commands on the apps in sorakit.cli.app.
-COMMAND_MODULES = ["data", "vae", "captioner", "dit", "generate", "refiner"]
+COMMAND_MODULES = ["data", "vae", "captioner", "dit", "generate", "refiner", "report"]
 
 
 def load_commands() -> None:

@@ -31,6 +31,23 @@ app.add_typer(vae_app, name="vae")
 app.add_typer(captioner_app, name="captioner")
 app.add_typer(eval_app, name="eval")
 
+
+
+def _version(value: bool):
+    if value:
+        from sorakit import __version__
+
+        print(f"sorakit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+):
+    """From a folder of raw videos to a trained Sora-style text-to-video model, one command per stage."""
+
+
 CONFIG_HELP = "Recipe YAML; its values override the defaults."
 SET_HELP = "Override one config value, e.g. --set optim.lr=1e-4 (repeatable)."
 
@@ -68,18 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     load_commands()
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv if argv is not None else sys.argv[1:], prog_name="sorakit", standalone_mode=False)
+        # Without standalone mode click returns the code of a `typer.Exit` instead of exiting.
+        rv = command.main(args=argv if argv is not None else sys.argv[1:], prog_name="sorakit", standalone_mode=False)
     except SystemExit as e:
         return int(e.code or 0)
     except typer.Exit as e:
         return e.exit_code
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.Abort):
+    except Exception as e:
+        # Usage errors and aborts come from the click that typer vendors; match them by shape.
+        if type(e).__name__ == "Abort":
             return 130
-        if isinstance(e, click.ClickException):
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
             e.show()
             return e.exit_code
         raise
-    return 0
+    return rv if isinstance(rv, int) else 0
