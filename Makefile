@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# tests/test_workflow.py runs `make smoke` too: the whole chain at tiny sizes.
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
@@ -24,6 +25,7 @@ demo: $(STAMP)
 	$(MAKE) -C recipes/toy all RUN=$(abspath $(RUN)) SORAKIT=$(abspath $(VENV))/bin/sorakit
 
 smoke: $(STAMP)
+	rm -rf runs/smoke
 	$(MAKE) -C recipes/toy smoke RUN=$(abspath runs/smoke) SORAKIT=$(abspath $(VENV))/bin/sorakit
 
 bench: $(STAMP)

@@ -20,3 +20,14 @@ def toy_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("toyworld")
     make_toyworld(out, num_clips=8, seed=0, split="train")
     return out
+
+
+@pytest.fixture(scope="session")
+def toy_shards(toy_world, tmp_path_factory):
+    """`toy_world` ingested into WebDataset shards: 2 shards of 4 captioned clips, with manifest.json."""
+    from sorakit.data.ingest import IngestConfig, ingest
+
+    out = tmp_path_factory.mktemp("toy_shards")
+    result = ingest([str(toy_world)], out, IngestConfig(samples_per_shard=4, workers=1))
+    assert result.node_samples == 8, result.manifest
+    return out

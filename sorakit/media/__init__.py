@@ -90,7 +90,8 @@ def _video_stream(container, name: str):
     streams = container.streams.video
     if not streams:
         kinds = sorted({s.type for s in container.streams})
-        what = "audio only" if "audio" in kinds else "no video stream"
+        # An MP4 cut short before its index (moov) opens with nothing but an empty data stream.
+        what = "audio only" if "audio" in kinds else "no video stream" if set(kinds) - {"data"} else "truncated or corrupt (no audio or video stream found)"
         raise MediaError(f"{name}: {what}")
     vs = streams[0]
     if vs.codec_context is None or not vs.codec_context.name:
@@ -129,6 +130,7 @@ def probe(src: Source) -> VideoInfo:
         size = Path(src).stat().st_size
     with _open(src) as container:
         vs = _video_stream(container, name)
+        vs.thread_type = "SLICE"  # frame threads would decode several frames before the first comes out
         cc = vs.codec_context
         try:
             first = next(container.decode(vs))
@@ -155,12 +157,31 @@ def probe(src: Source) -> VideoInfo:
             num_frames=int(num_frames),
             fps=fps,
             duration=duration,
-            codec=cc.name,
+            codec=cc.codec.canonical_name if cc.codec else cc.name,  # "av1", not the decoder "libdav1d"
             rotation=rotation,
             has_audio=bool(container.streams.audio),
             pix_fmt=cc.pix_fmt,
             size_bytes=size,
         )
+
+
+def _shown(container, vs, src_fps: float, start: float | None, end: float | None):
+    """(frame, shown from, shown until) for the frames in [start, end): a frame lasts until the next
+    one starts (one frame of look-ahead, which is what makes variable frame rates come out right)."""
+    eps = 1e-6
+    prev = None
+    for i, frame in enumerate(container.decode(vs)):
+        t = frame.time if frame.time is not None else i / src_fps
+        if start is not None and t < start - eps:
+            continue
+        if end is not None and t >= end - eps:
+            break
+        if prev is not None:
+            yield prev[0], prev[1], t
+        prev = (frame, t)
+    if prev is not None:
+        until = prev[1] + 1.0 / src_fps
+        yield prev[0], prev[1], min(until, end) if end is not None else until
 
 
 def iter_frames(
@@ -186,26 +207,22 @@ def iter_frames(
         src_fps = _fps(vs) or 30.0
         if start:
             _seek(container, vs, start)
-        next_t = None
+        first_t = None
+        grid = 0
         kept = 0
         index = 0
         eps = 1e-6
         try:
-            for i, frame in enumerate(container.decode(vs)):
-                t = frame.time if frame.time is not None else i / src_fps
-                if start is not None and t < start - eps:
-                    continue
-                if end is not None and t >= end - eps:
-                    break
+            for frame, t, t_next in _shown(container, vs, src_fps, start, end):
                 repeats = 1
                 if fps:
-                    if next_t is None:
-                        next_t = t
+                    if first_t is None:
+                        first_t = t
                     repeats = 0
-                    # A frame is shown from t until the next one; emit it for every grid time it covers.
-                    while next_t < t + 1.0 / src_fps - eps:
+                    # The frame is on screen from t until the next frame: emit it for every grid time in between.
+                    while first_t + grid / fps < t_next - eps:
                         repeats += 1
-                        next_t += 1.0 / fps
+                        grid += 1
                 if not repeats:
                     continue
                 img = None

@@ -1,0 +1,143 @@
+"""Pipeline directories: everything `sorakit sample --model DIR` needs, found from DIR alone.
+
+    DIR/pipeline.json   {"format": "sorakit-pipeline", "dit": "dit", "vae": PATH,
+                         "text_encoder": PATH, "refiners": [PATH, ...]}
+    DIR/dit/            the DiT model directory; its config.json holds the DiffusionConfig under "diffusion"
+
+Each PATH is a self-describing model directory, relative to DIR or absolute. `export_pipeline`
+writes paths relative to DIR when they can be (so a run directory moved as a whole keeps working),
+or copies the components into DIR with `copy=True` (a pipeline that travels alone).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sorakit.config import from_dict, to_dict
+from sorakit.diffusion import DiffusionConfig
+from sorakit.models.io import load_pretrained, read_model_config, save_pretrained
+from sorakit.utils.fs import atomic_write_json
+
+PIPELINE_FILE = "pipeline.json"
+PIPELINE_FORMAT = "sorakit-pipeline"
+
+
+@dataclass
+class Pipeline:
+    dit: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    diffusion_cfg: DiffusionConfig
+    refiners: list[torch.nn.Module] = field(default_factory=list)
+    path: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # pipeline.json plus the DiT's extra metadata
+
+    def to(self, device: torch.device | str) -> "Pipeline":
+        for m in (self.dit, self.vae, self.text_encoder, *self.refiners):
+            m.to(device)
+        return self
+
+
+def _link(target: str | Path, base: Path) -> str:
+    target = Path(target).resolve()
+    try:
+        return os.path.relpath(target, base.resolve())
+    except ValueError:  # another drive
+        return str(target)
+
+
+def export_pipeline(
+    out: str | Path,
+    dit: torch.nn.Module,
+    diffusion_cfg: DiffusionConfig,
+    vae: str | Path,
+    text_encoder: str | Path,
+    refiners: list[str | Path] = (),
+    *,
+    copy: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the DiT (with its diffusion config) into OUT/dit and OUT/pipeline.json pointing at the rest."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, path in [("vae", vae), ("text_encoder", text_encoder)] + [("refiner", r) for r in refiners]:
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{path}: no such {name} directory")
+    save_pretrained(dit, out / "dit", extra={"diffusion": to_dict(diffusion_cfg), **(extra or {})})
+    parts: dict[str, Any] = {}
+    for name, path in [("vae", vae), ("text_encoder", text_encoder)]:
+        if copy:
+            shutil.copytree(path, out / name, dirs_exist_ok=True)
+            parts[name] = name
+        else:
+            parts[name] = _link(path, out)
+    refs = []
+    for i, path in enumerate(refiners):
+        if copy:
+            shutil.copytree(path, out / f"refiner{i}", dirs_exist_ok=True)
+            refs.append(f"refiner{i}")
+        else:
+            refs.append(_link(path, out))
+    atomic_write_json(
+        out / PIPELINE_FILE,
+        {"format": PIPELINE_FORMAT, "dit": "dit", **parts, "refiners": refs},
+    )
+    return out
+
+
+def read_pipeline(path: str | Path) -> dict[str, Any]:
+    """pipeline.json with every component path resolved; a clear error for anything missing."""
+    path = Path(path)
+    file = path / PIPELINE_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: not a sorakit pipeline directory (no {PIPELINE_FILE})")
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if meta.get("format") != PIPELINE_FORMAT:
+        raise ValueError(f"{file}: format is {meta.get('format')!r}, expected {PIPELINE_FORMAT!r}")
+    for key in ("dit", "vae", "text_encoder"):
+        if not meta.get(key):
+            raise ValueError(f"{file}: missing {key!r}")
+
+    def resolve(p: str) -> Path:
+        q = Path(p)
+        q = q if q.is_absolute() else path / q
+        if not q.is_dir():
+            raise FileNotFoundError(f"{file}: component directory {p} does not exist ({q})")
+        return q
+
+    resolved = {k: resolve(meta[k]) for k in ("dit", "vae", "text_encoder")}
+    resolved["refiners"] = [resolve(r) for r in meta.get("refiners", [])]
+    return {**meta, "resolved": resolved}
+
+
+def load_pipeline(path: str | Path, device: torch.device | str = "cpu") -> Pipeline:
+    """Load every component of a pipeline directory (weights only, no code from the directory)."""
+    from sorakit.models.text_encoder import load_text_encoder
+
+    meta = read_pipeline(path)
+    r = meta["resolved"]
+    dit_meta = read_model_config(r["dit"])
+    if dit_meta.get("kind") != "dit":
+        raise ValueError(f"{r['dit']}: holds a {dit_meta.get('kind')} model, expected dit")
+    diffusion_cfg = from_dict(DiffusionConfig, dit_meta.get("diffusion", {}), "diffusion")
+    pipe = Pipeline(
+        dit=load_pretrained(r["dit"], kind="dit"),
+        vae=load_pretrained(r["vae"], kind="vae"),
+        text_encoder=load_text_encoder(r["text_encoder"]).eval(),
+        diffusion_cfg=diffusion_cfg,
+        refiners=[load_pretrained(p, kind="refiner") for p in r["refiners"]],
+        path=Path(path),
+        meta={**{k: v for k, v in meta.items() if k != "resolved"},
+              "dit_meta": {k: v for k, v in dit_meta.items() if k != "config"}},
+    )
+    return pipe.to(device)

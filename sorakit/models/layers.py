@@ -1,0 +1,320 @@
+"""Transformer parts for packed spacetime tokens, shared by the DiT and the refiners.
+
+A *packed* batch holds `B` rows of `N` tokens; each row is the concatenation of several videos'
+tokens (plus padding), told apart by `seq_ids` (B, N): the video's slot in its row, -1 on padding.
+Attention never crosses videos:
+
+* `packed_attention_mask(seq_ids, backend)` builds the mask once per forward pass, and
+  `attention(q, k, v, mask)` runs it with one of three back ends:
+  - ``dense``: `scaled_dot_product_attention` with a (B, 1, N, N) boolean block-diagonal mask. Works
+    everywhere with gradients; costs the square of the row.
+  - ``segments``: one `scaled_dot_product_attention` call per video (videos are contiguous in a
+    row). Costs the sum of per-video squares, with gradients, on any device; a Python loop per video.
+  - ``flex``: `flex_attention` with a `BlockMask` (compiled), which skips the blocks the mask zeroes:
+    the GPU path. PyTorch runs flex_attention's backward only on GPUs.
+  ``auto`` picks ``flex`` on CUDA and ``segments`` elsewhere (see docs/benchmarks.md).
+* `AxialRoPE3D` rotates query/key channels by the token's (t, h, w) position, so attention depends
+  on relative positions only and any size or length works, including ones never trained on.
+* `DiTBlock` is self-attention + masked cross-attention to the video's own text tokens + MLP, with
+  adaLN-Zero modulation from a small table of conditioning vectors (one per distinct (video, time)
+  pair) gathered per token, so clean "given" tokens (time 0) sit beside noisy ones in one video.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AttnBackend = Literal["auto", "dense", "segments", "flex"]
+ATTN_BACKENDS: tuple[str, ...] = ("auto", "dense", "segments", "flex")
+
+
+# --------------------------------------------------------------------------------------------
+# Attention back ends over packed sequences
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PackedMask:
+    """The self-attention mask of one packed batch in the form its back end wants."""
+
+    backend: str
+    dense: torch.Tensor | None = None  # (B, 1, N, N) bool, True = may attend
+    segments: list[list[tuple[int, int, bool]]] | None = None  # per row: (start, end, is_video)
+    block_mask: Any = None  # torch.nn.attention.flex_attention.BlockMask
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in ATTN_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r} (known: {', '.join(ATTN_BACKENDS)})")
+    if backend == "auto":
+        return "flex" if device.type == "cuda" else "segments"
+    return backend
+
+
+def _row_segments(ids: list[int]) -> list[tuple[int, int, bool]]:
+    """Run-length encode one row of seq ids into (start, end, is_video) pieces."""
+    out: list[tuple[int, int, bool]] = []
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[start]:
+            out.append((start, i, ids[start] >= 0))
+            start = i
+    return out
+
+
+def packed_attention_mask(seq_ids: torch.Tensor, backend: str = "auto") -> PackedMask:
+    """Block-diagonal self-attention mask for `seq_ids` (B, N); padding (-1) attends only to padding."""
+    backend = resolve_backend(backend, seq_ids.device)
+    if backend == "dense":
+        return PackedMask(backend, dense=(seq_ids[:, :, None] == seq_ids[:, None, :])[:, None])
+    if backend == "segments":
+        return PackedMask(backend, segments=[_row_segments(r) for r in seq_ids.tolist()])
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_video(b, h, q_idx, kv_idx):
+        return seq_ids[b, q_idx] == seq_ids[b, kv_idx]
+
+    b, n = seq_ids.shape
+    return PackedMask(backend, block_mask=create_block_mask(same_video, b, None, n, n, device=seq_ids.device))
+
+
+_compiled_flex = None
+
+
+def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, compiled: bool | None = None) -> torch.Tensor:
+    """flex_attention; compiled (the default on CUDA) it skips the blocks the mask zeroes, eager it
+    materialises the whole score matrix (fine for checking results on a CPU)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if compiled is None:
+        compiled = q.device.type == "cuda"
+    if not compiled:
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PackedMask) -> torch.Tensor:
+    """Self-attention of packed rows: q, k, v (B, H, N, Dh) → (B, H, N, Dh); never crosses videos."""
+    if mask.backend == "dense":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense)
+    if mask.backend == "flex":
+        if q.device.type != "cuda" and torch.is_grad_enabled() and q.requires_grad:
+            raise RuntimeError("flex_attention has no backward pass on CPU; use attn_backend 'segments' or 'dense'")
+        return flex(q, k, v, mask.block_mask)
+    rows = []
+    for b, pieces in enumerate(mask.segments):
+        outs = []
+        for s, e, is_video in pieces:
+            if is_video:
+                outs.append(F.scaled_dot_product_attention(q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e]))
+            else:  # padding: its output is never read, zeros keep it finite
+                outs.append(q.new_zeros(1, q.shape[1], e - s, v.shape[-1]))
+        rows.append(torch.cat(outs, dim=2))
+    return torch.cat(rows, dim=0)
+
+
+def cross_attention_mask(seq_ids: torch.Tensor, ctx_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 1, N, L) mask letting each token see only its own video's text tokens, and the (B, 1, N, 1)
+    rows that see none (padding, or a video without text tokens) whose output must be zeroed."""
+    mask = (seq_ids[:, :, None] == ctx_ids[:, None, :]) & (seq_ids[:, :, None] >= 0)  # (B, N, L)
+    empty = ~mask.any(-1, keepdim=True)
+    # An all-False row makes softmax NaN; let it attend everywhere, then zero its output.
+    return (mask | empty)[:, None], empty[:, None]
+
+
+# --------------------------------------------------------------------------------------------
+# 3D axial rotary position embedding
+# --------------------------------------------------------------------------------------------
+
+
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Split a head's channels over (t, h, w): 3/8 of the rotation pairs to each spatial axis."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head dimension, got {head_dim}")
+    pairs = head_dim // 2
+    hw = max(1, pairs * 3 // 8)
+    t = pairs - 2 * hw
+    if t < 1:
+        raise ValueError(f"head dimension {head_dim} is too small for 3D RoPE (needs at least 6)")
+    return (2 * t, 2 * hw, 2 * hw)
+
+
+class AxialRoPE3D(nn.Module):
+    """cos/sin tables from integer (t, h, w) token positions; each axis rotates its own channel pairs."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0, axes: tuple[int, int, int] | None = None):
+        super().__init__()
+        axes = tuple(axes) if axes else rope_axes(head_dim)
+        if sum(axes) != head_dim or any(a % 2 for a in axes):
+            raise ValueError(f"RoPE axes {axes} must be even and sum to the head dimension {head_dim}")
+        self.axes = axes
+        for i, d in enumerate(axes):
+            freqs = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # (d/2,)
+            self.register_buffer(f"freqs{i}", freqs.float(), persistent=False)
+
+    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos (B, N, 3) → cos, sin (B, 1, N, Dh/2)."""
+        angles = torch.cat(
+            [pos[..., i : i + 1].float() * getattr(self, f"freqs{i}") for i in range(3)], dim=-1
+        )  # (B, N, Dh/2)
+        return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + Dh/2) of x (B, H, N, Dh) by the position angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.type_as(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, qk_norm: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        # QK-norm keeps attention logits bounded, which is what lets bf16 training stay stable.
+        self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: PackedMask, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 × (B, H, N, Dh)
+        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        # Under autocast the norms may return float32 while v is bf16; attention kernels need one dtype.
+        out = attention(q.to(v.dtype), k.to(v.dtype), v, mask)  # (B, H, N, Dh)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class CrossAttention(nn.Module):
+    """Queries from video tokens, keys/values from text tokens, restricted to the token's own video."""
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool = True):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        b, n, d = x.shape
+        q = self.q_norm(self.q(x).view(b, n, self.heads, self.head_dim).transpose(1, 2))  # (B, H, N, Dh)
+        k, v = self.kv(ctx).view(b, ctx.shape[1], 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k = self.k_norm(k)  # (B, H, L, Dh)
+        allowed, empty = mask
+        out = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, attn_mask=allowed).masked_fill(empty, 0.0)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, out: int | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, out or dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class TimestepEmbedder(nn.Module):
+    """Continuous time t ∈ [0, 1] → sinusoidal features → MLP (DiT's embedder, on 1000·t)."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = 1000.0 * t.float()[:, None] * freqs[None]  # (M, half)
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero self-attention and MLP, with an ungated cross-attention between them (PixArt-style)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True, cross: bool = True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(dim, heads, qk_norm)
+        self.cross = cross
+        if cross:
+            self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
+            self.cross_attn = CrossAttention(dim, heads, qk_norm)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, N, D)
+        cond: torch.Tensor,  # (M, D) one row per distinct (video, time)
+        cond_idx: torch.Tensor,  # (B, N) row of `cond` for each token
+        mask: PackedMask,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        ctx: torch.Tensor | None = None,  # (B, L, D)
+        ctx_mask: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        mod = self.adaLN(cond)[cond_idx]  # (B, N, 6D): computed per condition, gathered per token
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), mask, rope)
+        if self.cross:
+            x = x + self.cross_attn(self.norm_cross(x), ctx, ctx_mask)
+        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, cond_idx: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN(cond)[cond_idx].chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+def init_adaln_zero(module: nn.Module) -> None:
+    """DiT's explicit init: Xavier linears, zero biases, and zero for every modulation and output
+    projection that makes a residual branch start as the identity."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    for m in module.modules():
+        if isinstance(m, (DiTBlock, FinalLayer)):
+            nn.init.zeros_(m.adaLN[-1].weight)
+            nn.init.zeros_(m.adaLN[-1].bias)
+        if isinstance(m, DiTBlock) and m.cross:
+            nn.init.zeros_(m.cross_attn.proj.weight)
+        if isinstance(m, FinalLayer):
+            nn.init.zeros_(m.linear.weight)
+        if isinstance(m, TimestepEmbedder):
+            for lin in (m.mlp[0], m.mlp[2]):
+                nn.init.normal_(lin.weight, std=0.02)

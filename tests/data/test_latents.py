@@ -1,0 +1,139 @@
+"""`sorakit encode`: latent shards readable by plain webdataset, resumable, and the latent reader."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from sorakit.cli import main
+from sorakit.data.latents import EncodeSettings, encode_shards, latent_pipeline, load_latent_manifest
+from sorakit.data.shards import iter_tar_samples, list_shards, write_tar_atomic
+from sorakit.models.io import load_pretrained, save_pretrained
+from sorakit.models.vae import VAE, vae_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small convolutions on a shared 2-core machine: one thread avoids OpenMP spin-waiting."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    """An untrained tiny VAE with latent statistics, saved as a model directory."""
+    torch.manual_seed(0)
+    vae = VAE(vae_config("tiny")).with_latent_stats([0.1, -0.2, 0.0, 0.3], [1.5, 0.5, 1.0, 2.0])
+    return save_pretrained(vae, tmp_path_factory.mktemp("vae") / "model")
+
+
+@pytest.fixture(scope="module")
+def latents(toy_shards, vae_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("latents")
+    assert main(["encode", str(toy_shards), "--model", str(vae_dir), "--out", str(out), "--max-frames", "9"]) == 0
+    return out
+
+
+def test_encode_output_is_plain_webdataset(latents, toy_shards, vae_dir):
+    import webdataset as wds
+
+    assert [p.name for p in list_shards(latents)] == [p.name for p in list_shards(toy_shards)]
+    raw = {key: members for shard in list_shards(toy_shards) for key, members in iter_tar_samples(shard)}
+    seen = set()
+    for sample in wds.WebDataset([str(p) for p in list_shards(latents)], shardshuffle=False):
+        key = sample["__key__"]
+        seen.add(key)
+        from safetensors.torch import load
+
+        latent = load(sample["latent.safetensors"])["latent"]
+        meta = json.loads(sample["json"])
+        src_meta = json.loads(raw[key]["json"])
+        assert latent.dtype == torch.float16
+        assert list(latent.shape) == meta["latent_shape"]
+        assert {k: meta[k] for k in src_meta} == src_meta  # all original metadata kept
+        assert meta["encoded_frames"] == min(9, src_meta["num_frames"])
+        assert sample["txt"].decode() == raw[key]["txt"].decode()
+    assert seen == set(raw)
+    # The stored latent is what the VAE gives for the same frames (normalised, float16).
+    from sorakit.media import read_video
+
+    key = sorted(raw)[0]
+    vae = load_pretrained(vae_dir, kind="vae")
+    expected = vae.encode_video(read_video(raw[key]["mp4"], max_frames=9))
+    got = next(s for s in latent_pipeline(latents) if s["key"] == key)["latent"]
+    torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3)
+
+
+def test_manifest_records_the_vae_and_counts(latents, vae_dir, toy_shards):
+    m = load_latent_manifest(latents)
+    assert m["vae"]["path"] == str(Path(vae_dir).resolve())
+    assert m["vae"]["config"]["latent_channels"] == 4
+    assert m["vae"]["config"]["latent_std"] == [1.5, 0.5, 1.0, 2.0]
+    assert m["totals"]["samples"] == 8 and m["totals"]["shards"] == 2
+    assert m["settings"]["max_frames"] == 9
+    assert (latents / "errors.jsonl").read_text() == ""
+    with pytest.raises(ValueError, match="not a latent manifest"):
+        load_latent_manifest(toy_shards)
+
+
+def test_latent_pipeline_yields_tensors_captions_and_meta(latents):
+    samples = list(latent_pipeline(latents, shuffle=4, seed=1))
+    assert len(samples) == 8
+    for s in samples:
+        assert isinstance(s["latent"], torch.Tensor) and s["latent"].ndim == 4 and s["latent"].dtype == torch.float32
+        assert s["caption"] and s["caption"].startswith("a ")
+        assert list(s["latent"].shape) == s["meta"]["latent_shape"]
+    assert [s["key"] for s in samples] != sorted(s["key"] for s in samples) or len(samples) < 3
+    endless = iter(latent_pipeline(latents, resampled=True, seed=0))
+    assert len([next(endless) for _ in range(20)]) == 20
+
+
+def test_broken_samples_are_skipped_and_reported_and_rerun_resumes(toy_shards, vae_dir, tmp_path):
+    src = tmp_path / "src"
+    good = list(iter_tar_samples(list_shards(toy_shards)[0]))
+    broken = ("broken-clip", {"mp4": b"not a video", "json": json.dumps({"caption": "x"}).encode()})
+    write_tar_atomic(src / "shard-000000.tar", [good[0], broken, good[1]])
+    write_tar_atomic(src / "shard-000001.tar", good[2:3])
+    out = tmp_path / "latents"
+    settings = EncodeSettings(max_frames=3)
+    result = encode_shards(src, vae_dir, out, settings)
+    assert result.encoded_shards == 2 and not result.failed_shards
+    assert result.manifest["totals"]["samples"] == 3
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [(e["shard"], e["key"]) for e in errors] == [("shard-000000.tar", "broken-clip")]
+    # A rerun skips finished shards; a shard lost from the output is made again.
+    before = (out / "shard-000000.tar").stat().st_mtime_ns
+    (out / "shard-000001.tar").unlink()
+    (out / ".encode" / "done" / "shard-000001.tar.json").unlink()
+    result = encode_shards(src, vae_dir, out, settings)
+    assert result.encoded_shards == 1
+    assert (out / "shard-000000.tar").stat().st_mtime_ns == before
+    assert load_latent_manifest(out)["totals"]["samples"] == 3
+    assert len((out / "errors.jsonl").read_text().splitlines()) == 1  # not counted twice
+    with tarfile.open(out / "shard-000001.tar") as tf:
+        assert sorted(tf.getnames()) == sorted(f"{good[2][0]}.{e}" for e in ("latent.safetensors", "json", "txt"))
+
+
+def test_encode_refuses_bad_requests(toy_shards, vae_dir, tmp_path):
+    assert main(["encode", str(toy_shards), "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    assert main(["encode", str(tmp_path / "nothing"), "--model", str(vae_dir), "--out", str(tmp_path / "o")]) == 1
+    with pytest.raises(ValueError, match="must not be the input"):
+        encode_shards(toy_shards, vae_dir, toy_shards)
+
+
+def test_parallel_workers_give_the_same_latents(toy_shards, vae_dir, latents, tmp_path):
+    out = tmp_path / "par"
+    result = encode_shards(toy_shards, vae_dir, out, EncodeSettings(max_frames=9, workers=2))
+    assert result.encoded_shards == 2
+    a = {s["key"]: s["latent"] for s in latent_pipeline(latents)}
+    b = {s["key"]: s["latent"] for s in latent_pipeline(out)}
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=2e-3, atol=2e-3)

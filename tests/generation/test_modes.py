@@ -1,0 +1,135 @@
+"""Every mode on a tiny random pipeline: sizes, given frames kept bit-exactly, reproducible seeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sorakit.generation import modes
+from sorakit.generation.modes import GenerationConfig
+from tests.generation.tiny_pipeline import FPS, SAMPLE_SIZE, WINDOW, make_tiny_pipeline
+
+CFG = GenerationConfig(steps=2)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    from sorakit.generation.pipeline import load_pipeline
+
+    return load_pipeline(make_tiny_pipeline(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="module")
+def clip():
+    """A 9-frame 16x12 video with content (a moving bright block)."""
+    frames = np.full((9, 12, 16, 3), 40, np.uint8)
+    for i in range(9):
+        frames[i, 3:8, i : i + 5] = (220, 60, 40)
+    return frames
+
+
+def _given_exact(win: modes.Window) -> bool:
+    idx = win.given.nonzero().flatten()
+    return len(idx) > 0 and torch.equal(win.latent[:, idx], win.context[:, idx])
+
+
+def test_text_to_video_any_size_and_reproducible(pipe):
+    cfg = CFG.replace(width=17, height=12, frames=6, seed=3)
+    a = modes.text_to_video(pipe, "a red circle moving left on a black background", cfg)
+    assert a.frames.shape == (6, 12, 18, 3) and a.frames.dtype == np.uint8
+    assert a.record["size"] == {"width": 18, "height": 12, "frames": 6, "fps": float(FPS)}
+    assert any("rounded to 18x12" in n for n in a.record["plan"]["notes"])
+    assert any("cropped to 6 frames" in n for n in a.record["plan"]["notes"])  # 6 frames: a 7-frame latent cropped
+    assert a.record["settings"]["width"] == 18 and a.record["settings"]["sampler"] == "dpmpp_2m"
+    b = modes.text_to_video(pipe, "a red circle moving left on a black background", cfg)
+    assert torch.equal(a.windows[0].latent, b.windows[0].latent) and np.array_equal(a.frames, b.frames)
+    c = modes.text_to_video(pipe, "a red circle moving left on a black background", cfg.replace(seed=4))
+    assert not torch.equal(a.windows[0].latent, c.windows[0].latent)
+    # defaults come from the pipeline directory
+    d = modes.text_to_video(pipe, "x", CFG)
+    assert d.frames.shape == (SAMPLE_SIZE[2], SAMPLE_SIZE[1], SAMPLE_SIZE[0], 3)
+
+
+def test_image_to_video_keeps_the_image_as_first_frame(pipe, clip):
+    image = np.ascontiguousarray(clip[0, :, :14])  # 14x12: its own aspect is kept
+    g = modes.image_to_video(pipe, "a block", image, CFG.replace(frames=5))
+    assert g.frames.shape == (5, 12, 14, 3)
+    assert np.array_equal(g.frames[0], image)
+    win = g.windows[0]
+    assert win.given.tolist() == [True, False, False]
+    assert torch.equal(win.latent[:, :1], pipe.vae.encode_video(image[None]))
+    wide = modes.image_to_video(pipe, "a block", image, CFG.replace(frames=3, width=28))
+    assert wide.frames.shape[1:3] == (24, 28)  # scaled, aspect kept
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_extend_keeps_the_input_and_slides_past_one_window(pipe, clip, direction):
+    g = modes.extend(pipe, clip, CFG.replace(context=2), direction=direction, num_frames=11, fps=12)
+    assert g.frames.shape == (20, 12, 16, 3) and g.fps == 12
+    kept = g.frames[:9] if direction == "forward" else g.frames[11:]
+    assert np.array_equal(kept, clip)  # the input, bit for bit
+    assert g.record["joins"] == ([9] if direction == "forward" else [11])
+    assert len(g.windows) > 1 and all(w.latent.shape[1] <= WINDOW for w in g.windows)
+    assert all(_given_exact(w) for w in g.windows)
+    first = g.windows[0]
+    if direction == "forward":  # the first window's context is the input's last 1 + (k-1)*t frames
+        assert first.given.tolist()[:2] == [True, True] and not first.given[2:].any()
+        assert torch.equal(first.context[:, :2], pipe.vae.encode_video(clip[-3:]))
+    else:  # ... or its first k*t frames, as whole groups at the end of the window
+        assert first.given.tolist()[-2:] == [True, True] and not first.given[:-2].any()
+    again = modes.extend(pipe, clip, CFG.replace(context=2), direction=direction, num_frames=11)
+    assert np.array_equal(again.frames, g.frames)
+
+
+def test_interpolate_connects_two_videos(pipe, clip):
+    b = clip[::-1].copy()
+    g = modes.interpolate(pipe, clip, b, CFG.replace(context=1, window=WINDOW), num_frames=3)
+    assert g.record["new_frames"] == 4 and any("rounded to 4" in n for n in g.record["notes"])
+    assert np.array_equal(g.frames[:9], clip) and np.array_equal(g.frames[13:], b)
+    assert g.record["joins"] == [9, 13]
+    win = g.windows[-1]
+    assert win.given.tolist() == [True, False, False, True]
+    assert _given_exact(win)
+    long_gap = modes.interpolate(pipe, clip, b, CFG.replace(context=1, window=WINDOW), num_frames=10)
+    assert long_gap.frames.shape[0] == 9 + 10 + 9 and len(long_gap.windows) > 1
+    assert np.array_equal(long_gap.frames[-9:], b)
+    with pytest.raises(ValueError, match="one size"):
+        modes.interpolate(pipe, clip, clip[:, :, :8].copy(), CFG, num_frames=2)
+
+
+def test_edit_is_sdedit_from_the_input(pipe, clip):
+    g = modes.edit(pipe, clip, "a blue block", CFG.replace(strength=0.5, steps=4))
+    assert g.frames.shape == clip.shape
+    assert g.record["timing"]["steps"] == 2  # strength 0.5 of 4 steps
+    assert not g.windows[0].given.any()
+    same = modes.edit(pipe, clip, "a blue block", CFG.replace(strength=0.5, steps=4))
+    assert np.array_equal(g.frames, same.frames)
+    with pytest.raises(ValueError, match="needs a prompt"):
+        modes.edit(pipe, clip, " ", CFG)
+
+
+def test_bad_settings_are_config_errors():
+    from sorakit.config import ConfigError
+
+    for bad in ({"strength": 0.0}, {"steps": 0}, {"width": 0}, {"context": 0}, {"window": 1}):
+        with pytest.raises(ConfigError):
+            CFG.replace(**bad)
+
+
+def test_prompts_are_expanded_when_the_pipeline_records_captions(pipe, tmp_path):
+    corpus = tmp_path / "captions.txt"
+    full = "a red circle moving left on a black background"
+    corpus.write_text(f"{full}\na blue square standing still on a white background\n")
+    cfg = CFG.replace(frames=1, width=8, height=8)
+    pipe.meta["captions"] = str(corpus)
+    try:
+        g = modes.text_to_video(pipe, "red circle", cfg)
+        assert (g.record["prompt"], g.record["expanded_prompt"]) == ("red circle", full)
+        direct = modes.text_to_video(pipe, full, cfg.replace(expand=False))  # the model saw the expansion
+        assert torch.equal(g.windows[0].latent, direct.windows[0].latent) and direct.record["expanded_prompt"] is None
+    finally:
+        del pipe.meta["captions"]
+    assert modes.text_to_video(pipe, "red circle", cfg).record["expanded_prompt"] is None
+    with pytest.raises(ValueError, match="needs a caption corpus"):
+        modes.text_to_video(pipe, "red circle", cfg.replace(expand=True))

@@ -1,0 +1,29 @@
+"""A tiny, randomly initialised pipeline directory for plumbing tests (milliseconds per step on a CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Small frames and a short window keep every mode to a few tiny sampling calls.
+SAMPLE_SIZE = (16, 12, 5)  # width, height, frames
+FPS = 8
+WINDOW = 4  # latent frames per sampling call
+
+
+def make_tiny_pipeline(root: str | Path, seed: int = 0) -> Path:
+    import torch
+
+    from sorakit.diffusion import DiffusionConfig
+    from sorakit.generation.pipeline import export_pipeline
+    from sorakit.models.dit import build_dit
+    from sorakit.models.io import save_pretrained
+    from sorakit.models.text_encoder import build_text_encoder
+    from sorakit.models.vae import VAE, vae_config
+
+    root = Path(root)
+    torch.manual_seed(seed)
+    vae_dir = save_pretrained(VAE(vae_config("tiny")), root / "vae")
+    text_dir = save_pretrained(build_text_encoder("tiny"), root / "text")
+    generation = {"sample_size": list(SAMPLE_SIZE), "fps": FPS, "window": WINDOW}
+    return export_pipeline(root / "pipeline", build_dit("tiny"), DiffusionConfig(), vae_dir, text_dir,
+                           extra={"generation": generation, "train_sizes": [list(SAMPLE_SIZE)]})

@@ -1,0 +1,140 @@
+"""The DiT on packed spacetime patches: isolation between packed videos, RoPE, presets, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sorakit.data.packing import pack, pack_text
+from sorakit.models.dit import DIT_PRESETS, DiT, build_dit, dit_config
+from sorakit.models.io import load_pretrained, save_pretrained
+from sorakit.models.layers import AxialRoPE3D, apply_rope
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core CPU: a second thread only adds waiting.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    # adaLN-Zero makes a fresh model output zeros; random weights exercise every path.
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.1
+        p.requires_grad_(False)  # forward checks only (flex_attention has no backward on CPU)
+    return model.eval()
+
+
+def _inputs(dit: DiT, latents, texts, t=None):
+    batch = pack(latents, dit.patch, max_tokens=4096)  # one row holds them all
+    ctx, ctx_ids, pooled = pack_text(batch, texts, torch.stack([x.mean(0) for x in texts]))
+    t = torch.full(batch.seq_ids.shape, 0.5) if t is None else t
+    return batch, (batch.x, t, batch.pos, batch.seq_ids, ctx, ctx_ids, pooled, batch.token_given())
+
+
+@pytest.mark.parametrize("backend", ["dense", "segments", "flex"])
+def test_no_attention_leakage_between_packed_videos(backend):
+    dit = _randomise(build_dit("tiny", attn_backend=backend))
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(4, 3, 6, 8, generator=g), torch.randn(4, 2, 4, 6, generator=g)
+    ta, tb = torch.randn(5, 32, generator=g), torch.randn(3, 32, generator=g)
+    batch, args = _inputs(dit, [a, b], [ta, tb])
+    assert batch.seq_ids.shape[0] == 1 and len(set(batch.seq_ids[0].tolist()) - {-1}) == 2  # one row, two videos
+    out = batch.unpack(dit(*args))
+    # Change everything about video A (latent and text): video B's output must not move.
+    _, args2 = _inputs(dit, [a * 3 + 1, b], [ta.flip(0) * 2, tb])
+    out2 = batch.unpack(dit(*args2))
+    torch.testing.assert_close(out2[1], out[1], atol=1e-5, rtol=0)
+    assert (out2[0] - out[0]).abs().max() > 1e-3
+
+
+def test_no_gradient_flows_between_packed_videos():
+    dit = _randomise(build_dit("tiny", attn_backend="dense"))
+    a, b = torch.randn(4, 2, 4, 4), torch.randn(4, 2, 4, 4)
+    batch, args = _inputs(dit, [a, b], [torch.randn(2, 32), torch.randn(2, 32)])
+    x = args[0].clone().requires_grad_(True)
+    out = dit(x, *args[1:])
+    vb = batch.videos[1]
+    out[vb.row, vb.start : vb.start + vb.length].sum().backward()
+    va = batch.videos[0]
+    assert x.grad[va.row, va.start : va.start + va.length].abs().max() == 0
+    assert x.grad[vb.row, vb.start : vb.start + vb.length].abs().max() > 0
+
+
+def test_backends_agree():
+    dit = _randomise(build_dit("tiny", attn_backend="dense"))
+    lat = [torch.randn(4, 3, 5, 7), torch.randn(4, 1, 8, 8), torch.randn(4, 2, 2, 10)]
+    _, args = _inputs(dit, lat, [torch.randn(4, 32), torch.randn(1, 32), torch.randn(6, 32)])
+    ref = dit(*args)
+    for backend in ("segments", "flex"):
+        dit.config.attn_backend = backend
+        torch.testing.assert_close(dit(*args), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position_even_far_beyond_training_sizes():
+    rope = AxialRoPE3D(16)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
+
+    def score(pq, pk):
+        cq, sq = rope(torch.tensor([[pq]]))
+        ck, sk = rope(torch.tensor([[pk]]))
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+
+    base = score([1, 2, 3], [0, 5, 1])
+    for shift in ([7, 0, 0], [0, 300, 0], [40, 900, 1200]):
+        moved = score([1 + shift[0], 2 + shift[1], 3 + shift[2]], [0 + shift[0], 5 + shift[1], 1 + shift[2]])
+        torch.testing.assert_close(moved, base, atol=1e-3, rtol=1e-4)
+    assert not torch.isclose(score([1, 2, 3], [0, 6, 1]), base)  # the relative position does matter
+
+
+def test_model_runs_at_unseen_sizes_and_is_translation_invariant():
+    dit = _randomise(build_dit("tiny"))
+    z = torch.randn(4, 9, 26, 3)  # odd sizes: patch padding, an aspect far from anything trained
+    batch, args = _inputs(dit, [z], [torch.randn(3, 32)])
+    out = dit(*args)
+    assert out.shape == batch.x.shape and torch.isfinite(out).all()
+    moved = list(args)
+    moved[2] = args[2] + torch.tensor([5, 100, 37])  # same video placed elsewhere in spacetime
+    torch.testing.assert_close(dit(*moved), out, atol=1e-4, rtol=1e-4)
+
+
+def test_given_flag_and_per_token_time_change_only_their_tokens():
+    dit = _randomise(build_dit("tiny", attn_backend="dense"))
+    z = torch.randn(4, 4, 4, 4)
+    batch, args = _inputs(dit, [z], [torch.randn(3, 32)])
+    out = dit(*args)
+    t = args[1].clone()
+    t[0, :4] = 0.0  # first latent frame's tokens are clean: their own conditioning differs
+    given = torch.zeros_like(args[7])
+    given[0, :4] = True
+    out2 = dit(args[0], t, *args[2:7], given)
+    assert (out2[0, :4] - out[0, :4]).abs().max() > 1e-3
+    cond, idx = dit.conditioning(t, args[3], args[6])
+    assert cond.shape[0] == 2 and idx[0, :4].unique().numel() == 1  # two (video, time) pairs
+
+
+def test_fresh_model_predicts_zero_and_presets_validate():
+    dit = build_dit("tiny")
+    batch, args = _inputs(dit, [torch.randn(4, 2, 4, 4)], [torch.randn(2, 32)])
+    assert dit(*args).abs().max() == 0  # adaLN-Zero: every block starts as the identity, the output at 0
+    for name in DIT_PRESETS:
+        cfg = dit_config(name)
+        assert cfg.dim % cfg.heads == 0
+    with pytest.raises(ValueError, match="unknown DiT preset"):
+        dit_config("huge")
+    with pytest.raises(ValueError, match="divisible"):
+        dit_config("tiny", heads=3)
+
+
+def test_save_and_load_pretrained(tmp_path):
+    dit = _randomise(build_dit("tiny", patch=(1, 1, 2)))
+    save_pretrained(dit, tmp_path / "dit", extra={"diffusion": {"parametrisation": "v"}})
+    loaded = load_pretrained(tmp_path / "dit", kind="dit")
+    assert tuple(loaded.config.patch) == (1, 1, 2)
+    _, args = _inputs(dit, [torch.randn(4, 2, 3, 3)], [torch.randn(2, 32)])
+    torch.testing.assert_close(loaded(*args), dit(*args))

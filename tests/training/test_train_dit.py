@@ -1,0 +1,176 @@
+"""`sorakit train dit` on latent shards: the loss falls, resume continues the step count, DDP, recipes."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from sorakit.cli import main
+from sorakit.config import load_config
+from sorakit.data.latents import LATENT_MEMBER, latent_bytes, latent_pipeline
+from sorakit.data.packing import pack_text, packed_batches
+from sorakit.data.shards import write_tar_atomic
+from sorakit.generation.pipeline import load_pipeline
+from sorakit.models.dit import DiT, dit_config
+from sorakit.models.io import save_pretrained
+from sorakit.models.text_encoder import build_text_encoder
+from sorakit.models.vae import VAE, vae_config
+from sorakit.training.dit import MaskConfig, TextCache, TrainDiTConfig, diffusion_loss, sample_given_frames
+
+REPO = Path(__file__).resolve().parents[2]
+COLORS = ["red", "green", "blue", "yellow"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """Latent shards whose content follows the caption (a per-colour channel pattern), plus a tiny
+    VAE and text encoder directory, as `sorakit encode` and the captioner would leave them."""
+    root = tmp_path_factory.mktemp("dit")
+    rng = random.Random(0)
+    g = torch.Generator().manual_seed(0)
+    for s in range(2):
+        samples = []
+        for i in range(12):
+            c = rng.randrange(4)
+            shape = (4, rng.randint(1, 4), rng.randint(3, 7), rng.randint(3, 7))
+            pattern = torch.tensor([1.0, -1.0, 0.5, -0.5]).roll(c)[:, None, None, None]
+            latent = pattern.expand(shape) + 0.1 * torch.randn(shape, generator=g)
+            caption = f"a {COLORS[c]} square"
+            samples.append((f"s{s}-{i:03d}", {LATENT_MEMBER: latent_bytes(latent), "json": {"caption": caption}, "txt": caption}))
+        write_tar_atomic(root / "latents" / f"shard-{s:06d}.tar", samples)
+    save_pretrained(VAE(vae_config("tiny")), root / "vae")
+    save_pretrained(build_text_encoder("tiny"), root / "text_encoder")
+    return root
+
+
+def _args(ws: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        "train", "dit", "--out", str(out),
+        "--set", "preset=tiny", "--set", f"vae={ws / 'vae'}", "--set", f"text_encoder={ws / 'text_encoder'}",
+        "--set", f"data.shards={ws / 'latents'}", "--set", "data.max_tokens=96", "--set", "data.pool_size=8",
+        "--set", "data.num_workers=0", "--set", "data.shuffle=8",
+        "--set", "trainer.accelerator=cpu", "--set", "trainer.devices=1", "--set", f"trainer.max_steps={steps}",
+        "--set", "trainer.log_every_n_steps=1", "--set", "trainer.checkpoint_every_n_steps=4",
+        "--set", "optim.lr=0.003", "--set", "optim.warmup_steps=2", "--set", "threads=1",
+        *extra,
+    ]
+
+
+def test_training_lowers_the_loss_and_exports_a_pipeline(workspace, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(workspace, out, 16)) == 0
+    pipe = load_pipeline(out)
+    assert json.loads((out / "dit" / "config.json").read_text())["trained_steps"] == 16
+    # Same batches, noise and times for the trained DiT and a fresh one (which predicts zero).
+    te_state = pipe.text_encoder.state_dict()
+    fresh = DiT(pipe.dit.config)
+    before = _fixed_loss_with(fresh, workspace, te_state)
+    after = _fixed_loss_with(pipe.dit, workspace, te_state)
+    assert after < 0.85 * before, (before, after)
+    rows = (out / "logs" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    util = [float(r.split(",")[header.index("utilisation")]) for r in rows[1:] if r.split(",")[header.index("utilisation")]]
+    assert util and min(util) > 0
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core CPU: a second thread only adds waiting.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _fixed_loss_with(dit, ws, te_state) -> float:
+    te = build_text_encoder("tiny")
+    te.load_state_dict(te_state)
+    cache = TextCache(te)
+    batches = packed_batches(latent_pipeline(ws / "latents"), tuple(dit.config.patch), 96, pool_size=8)
+    losses = []
+    torch.manual_seed(123)
+    with torch.no_grad():
+        for b in list(batches)[:4]:
+            text = pack_text(b["batch"], *cache(b["captions"], torch.device("cpu")))
+            losses.append(diffusion_loss(dit.eval(), b["batch"], text, TrainDiTConfig().diffusion)[0].item())
+    return sum(losses) / len(losses)
+
+
+def test_resume_continues_the_step_count(workspace, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(workspace, out, 4)) == 0
+    assert main(_args(workspace, out, 8, "--resume")) == 0
+    steps = [int(r.split(",")[2]) for r in (out / "logs" / "metrics.csv").read_text().splitlines()[1:] if r]
+    meta = json.loads((out / "dit" / "config.json").read_text())
+    assert meta["trained_steps"] == 8
+    assert max(steps) == 7 and steps.count(4) >= 1  # the second run logged steps 4..7, not 0..3 again
+
+
+def test_bad_config_is_a_one_line_error(workspace, tmp_path, capsys):
+    assert main(_args(workspace, tmp_path / "x", 1, "--set", "data.video_weighting=loudness")) == 1
+    assert "video_weighting" in capsys.readouterr().err
+    assert main(["train", "dit", "--set", "preset=tiny", "--set", f"vae={workspace / 'nope'}",
+                 "--set", f"text_encoder={workspace / 'text_encoder'}", "--set", f"data.shards={workspace}"]) == 1
+
+
+def _ddp_source(seed: int):
+    rng = random.Random(seed)
+    while True:
+        c = rng.randrange(4)
+        yield {"key": str(seed), "caption": f"a {COLORS[c]} square", "latent": torch.full((4, 2, 4, 4), c - 1.5)}
+
+
+def test_ddp_spawn_training_step_on_cpu(workspace, tmp_path):
+    from sorakit.config import from_dict
+    from sorakit.training.dit import train_dit
+
+    cfg = from_dict(TrainDiTConfig, {
+        "preset": "tiny", "vae": str(workspace / "vae"), "text_encoder": str(workspace / "text_encoder"),
+        "out": str(tmp_path / "ddp"), "data": {"max_tokens": 64, "pool_size": 4, "num_workers": 0},
+        "trainer": {"max_steps": 2, "accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn",
+                    "log_every_n_steps": 1},
+        "threads": 1,
+    })
+    train_dit(cfg, source=_ddp_source)
+    meta = json.loads((tmp_path / "ddp" / "dit" / "config.json").read_text())
+    assert meta["trained_steps"] == 2
+    # The weights trained in the worker processes came back: the zero-initialised output layer moved.
+    assert load_pipeline(tmp_path / "ddp").dit.final.linear.weight.abs().max() > 0
+
+
+def test_mask_strategy_modes():
+    rng = random.Random(0)
+    cfg = MaskConfig(t2v=0.2, i2v=0.2, forward=0.2, backward=0.2, interpolate=0.2)
+    kinds = Counter()
+    for _ in range(2000):
+        g = sample_given_frames(8, cfg, rng)
+        if g is None:
+            kinds["t2v"] += 1
+            continue
+        assert 0 < g.sum() < 8  # something given, something to generate
+        if g[0] and g[-1]:
+            kinds["interpolate"] += 1
+        elif g[0] and g.sum() == 1 and not g[1]:
+            kinds["i2v_or_forward1"] += 1
+        elif g[0]:
+            kinds["forward"] += 1
+            assert g[: g.sum()].all()  # a prefix
+        else:
+            kinds["backward"] += 1
+            assert g[-g.sum():].all()  # a suffix
+    assert all(k > 200 for k in kinds.values()) and len(kinds) == 5
+    assert all(sample_given_frames(1, cfg, rng) is None for _ in range(20))  # an image: text-to-image only
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*/dit.yaml")), ids=lambda p: p.parent.name)
+def test_recipes_validate(recipe):
+    text = recipe.read_text()
+    assert text.startswith("# sorakit train dit --config recipes/")  # opens with the command that runs it
+    cfg = load_config(TrainDiTConfig, recipe)
+    model = dit_config(cfg.preset, **cfg.model)
+    assert model.dim % model.heads == 0
