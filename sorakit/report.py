@@ -20,17 +20,22 @@ PLOT_SIZE = (640, 360)
 MARGIN = 48
 
 
-def flatten(obj, prefix: str = "") -> dict[str, float | str]:
-    """Scalars of a nested JSON object under dotted keys; lists of records are skipped (per-item detail)."""
-    out: dict[str, float | str] = {}
+# Sections of an eval's JSON that describe the run rather than measure it (paths, hashes, settings).
+NOT_METRICS = {"model", "settings", "config", "eval"}
+
+
+def flatten(obj, prefix: str = "") -> dict[str, float]:
+    """The numbers of a nested JSON object under dotted keys.
+
+    Lists (per-clip detail) and the descriptive top-level sections in NOT_METRICS are left out.
+    """
+    out: dict[str, float] = {}
     if isinstance(obj, dict):
         for k, v in obj.items():
+            if not prefix and k in NOT_METRICS:
+                continue
             out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    elif isinstance(obj, bool):
-        out[prefix] = str(obj)
-    elif isinstance(obj, (int, float)):
-        out[prefix] = obj
-    elif isinstance(obj, str) and len(obj) <= 80:
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
         out[prefix] = obj
     return out
 
