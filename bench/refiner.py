@@ -31,10 +31,11 @@ from sorakit.models.dit import build_dit, dit_config  # noqa: E402
 from sorakit.models.refiner import build_refiner, refiner_config, window_layout  # noqa: E402
 from sorakit.models.vae import vae_config  # noqa: E402
 
-# (name, VAE preset, DiT preset, refiner preset, target (frames, height, width), scales (s, r))
+# (name, VAE preset, DiT preset, refiner preset + overrides, target (frames, height, width), scales (s, r))
 SETTINGS = [
-    ("toy", "toy", "toy", "toy", (33, 128, 128), (2, 2)),
-    ("base", "base", "base", "base", (97, 720, 1280), (2, 2)),
+    ("toy", "toy", "toy", ("toy", {}), (33, 128, 128), (2, 2)),
+    ("base", "base", "base", ("base", {}), (97, 720, 1280), (2, 2)),
+    ("base, refiner without windows", "base", "base", ("base", {"attn_window": None}), (97, 720, 1280), (2, 2)),
 ]
 
 
@@ -67,7 +68,7 @@ def flops(grid: tuple[int, int, int], dim: int, depth: int, passes: int, steps: 
 
 def plan(setting, steps: int, refine_steps: int) -> dict:
     name, vae_p, dit_p, ref_p, (t, h, w), (s, r) = setting
-    dcfg, rcfg = dit_config(dit_p), refiner_config(ref_p)
+    dcfg, rcfg = dit_config(dit_p), refiner_config(ref_p[0], **ref_p[1])
     hi = latent_of(vae_p, t, h, w)
     lo = latent_of(vae_p, 1 + (t - 1) // r, h // s, w // s)
     n_hi_dit = num_tokens(hi, dcfg.patch)
@@ -96,6 +97,7 @@ def _time(fn, repeats: int) -> float:
 def measure(p: dict, repeats: int) -> dict:
     torch.manual_seed(0)
     dit, ref = build_dit("toy").eval(), build_refiner("toy").eval()
+    ref_full = build_refiner("toy", attn_window=None).eval()
     c = dit.config.in_channels
 
     def dit_step(latent):
@@ -105,13 +107,13 @@ def measure(p: dict, repeats: int) -> dict:
         t = torch.full(batch.seq_ids.shape, 0.5)
         return lambda: dit(batch.x, t, batch.pos, batch.seq_ids, ctx, ctx_ids, pooled)
 
-    def ref_step(latent):
-        batch = pack([torch.randn(c, *latent)], ref.patch)
+    def ref_step(model, latent):
+        batch = pack([torch.randn(c, *latent)], model.patch)
         t = torch.full(batch.seq_ids.shape, 0.5)
-        return lambda: ref(batch.x, batch.x, t, torch.zeros_like(t), batch.pos, batch.seq_ids)
+        return lambda: model(batch.x, batch.x, t, torch.zeros_like(t), batch.pos, batch.seq_ids)
 
     return {"direct": _time(dit_step(p["hi"]), repeats), "base": _time(dit_step(p["lo"]), repeats),
-            "refiner": _time(ref_step(p["hi"]), repeats)}
+            "refiner": _time(ref_step(ref, p["hi"]), repeats), "refiner_full": _time(ref_step(ref_full, p["hi"]), repeats)}
 
 
 def main() -> None:
@@ -143,7 +145,9 @@ def main() -> None:
     print("|---|---|---|---|")
     print(f"| DiT direct (×2 for guidance) | {toy['tokens']['direct']} | {m['direct']:.3f} | {direct:.2f} |")
     print(f"| DiT base (×2 for guidance) | {toy['tokens']['base']} | {m['base']:.3f} | {args.steps * m['base']:.2f} |")
-    print(f"| refiner | {toy['tokens']['refiner']} | {m['refiner']:.3f} | {args.refine_steps * m['refiner']:.2f} |")
+    print(f"| refiner (local windows) | {toy['tokens']['refiner']} | {m['refiner']:.3f} | {args.refine_steps * m['refiner']:.2f} |")
+    print(f"| refiner (whole-video attention) | {toy['tokens']['refiner']} | {m['refiner_full']:.3f} "
+          f"| {args.refine_steps * m['refiner_full']:.2f} |")
     print(f"\ncost per video without refiner (direct at the target size): {direct:.2f} s")
     print(f"cost per video with refiner (base at 1/{toy['scales'][0]} size, 1/{toy['scales'][1]} rate + refiner): "
           f"{cascade:.2f} s = {cascade / direct:.2f}× direct")

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from sorakit.utils.fs import atomic_write_json, exclusive_lock, read_jsonl
+from sorakit.utils.fs import atomic_write_json, exclusive_lock
 
 log = logging.getLogger(__name__)
 

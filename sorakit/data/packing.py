@@ -203,12 +203,14 @@ def pack(
     drop_rates: Sequence[float] | None = None,
     generator: torch.Generator | None = None,
     pad_to_capacity: bool = False,
+    bins: Sequence[Sequence[int]] | None = None,
 ) -> PackedBatch:
     """Pack latents (C, T, H, W) of any shapes into rows of at most `max_tokens` tokens.
 
     `given_frames[i]` is a (T,) bool mask of video i's given latent frames. `max_tokens=None` makes
     the row capacity the largest video's token count. Rows are `max_tokens` long when
     `pad_to_capacity` (static shapes for compiled kernels), else as long as the fullest row.
+    `bins` gives the rows' video indices explicitly (default: first-fit-decreasing).
     """
     if not latents:
         raise ValueError("pack needs at least one latent")
@@ -237,7 +239,12 @@ def pack(
         shapes.append(tuple(int(s) for s in z.shape))
     lengths = [t.shape[0] for t in toks]
     capacity = max_tokens if max_tokens is not None else max(lengths)
-    bins = first_fit_decreasing(lengths, capacity)
+    if bins is None:
+        bins = first_fit_decreasing(lengths, capacity)
+    elif sorted(i for b in bins for i in b) != list(range(len(latents))) or any(
+        sum(lengths[i] for i in b) > capacity for b in bins
+    ):
+        raise ValueError("bins must hold every video once, each row within the capacity")
     n_row = capacity if pad_to_capacity else max(sum(lengths[i] for i in b) for b in bins)
     ref = toks[0]
     b_rows, p = len(bins), ref.shape[1]
@@ -329,11 +336,11 @@ def per_video_loss(
 # --------------------------------------------------------------------------------------------
 
 
-def select_fullest(lengths: Sequence[int], capacity: int, rows: int) -> list[int]:
-    """Indices (sorted) of the `rows` fullest first-fit-decreasing bins of a pool of videos."""
+def select_fullest(lengths: Sequence[int], capacity: int, rows: int) -> list[list[int]]:
+    """The `rows` fullest first-fit-decreasing bins (lists of indices) of a pool of videos."""
     bins = first_fit_decreasing(lengths, capacity)
     bins.sort(key=lambda b: -sum(lengths[i] for i in b))
-    return sorted(i for b in bins[:rows] for i in b)
+    return bins[:rows]
 
 
 def packed_batches(
@@ -365,14 +372,17 @@ def packed_batches(
 
     def emit(final: bool) -> Iterator[dict]:
         while pool and (final or len(pool) >= pool_size):
-            chosen = select_fullest([n for _, _, n in pool], max_tokens, rows)
+            bins = select_fullest([n for _, _, n in pool], max_tokens, rows)
+            chosen = [i for b in bins for i in b]
             items = [pool[i] for i in chosen]
-            for i in reversed(chosen):
+            local = {i: j for j, i in enumerate(chosen)}
+            for i in sorted(chosen, reverse=True):
                 pool.pop(i)
             batch = pack(
                 [s["latent"] for s, _, _ in items], patch, max_tokens,
                 given_frames=[s.get("given") for s, _, _ in items],
                 drop_rates=[r for _, r, _ in items], generator=gen, pad_to_capacity=True,
+                bins=[[local[i] for i in b] for b in bins],
             )
             if batch.seq_ids.shape[0] < rows:  # fewer bins than rows: keep B fixed
                 extra = rows - batch.seq_ids.shape[0]

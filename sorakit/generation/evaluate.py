@@ -10,9 +10,9 @@ all-four accuracy, for the trained and unseen halves apart.
 
 Joins: real toy clips (rendered and H.264-encoded) of moving objects are cut and rebuilt by the
 model: forward extension regrows the second half from the first, backward extension the first half
-from the second, interpolation the middle third between the outer thirds. Reported: the seam ratio
-(mean frame difference across each join over the mean difference inside the clip; 1.0 is invisible)
-and whether the generated part keeps the object's colour, shape and motion.
+from the second, interpolation the middle third (whole VAE time steps) between the outer parts.
+Reported: the seam ratio (mean frame difference across each join over the mean difference inside
+the clip; 1.0 is invisible) and whether the generated part keeps the object's colour, shape and motion.
 """
 
 from __future__ import annotations
@@ -267,10 +267,13 @@ def _joins(pipe, specs: list, cfg: GenerationConfig, save_dir, log) -> tuple[dic
         t = len(clip)
         c = cfg.replace(seed=cfg.seed + i, expand=False, fps=float(spec.fps))
         half, third = t // 2, t // 3
+        tf = pipe.vae.temporal_factor
+        gap = max(tf, (t - 2 * third) // tf * tf)  # whole VAE time steps, so the rebuilt clip is as long as the real one
         runs = {
             "extend_forward": lambda: extend(pipe, clip[:half], c, direction="forward", num_frames=t - half, prompt=spec.caption),
             "extend_backward": lambda: extend(pipe, clip[half:], c, direction="backward", num_frames=half, prompt=spec.caption),
-            "interpolate": lambda: interpolate(pipe, clip[:third], clip[t - third:], c, num_frames=t - 2 * third, prompt=spec.caption),
+            "interpolate": lambda: interpolate(pipe, clip[: t - third - gap], clip[t - third :], c, num_frames=gap,
+                                               prompt=spec.caption),
         }
         for mode, run in runs.items():
             gen = run()

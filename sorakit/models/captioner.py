@@ -50,6 +50,9 @@ class VisionTowerConfig:
     # "learnable" (CoCa's, needed to load its weights) or "sin_cos_2d": fixed, smooth in position, so
     # displacements between frames are linear in it; from-scratch models learn motion faster with it.
     pos_embed: str = "learnable"
+    # "patch": ViT's single patchify conv (CoCa's); "conv": a stem of strided 3x3 convs ("Early
+    # convolutions help transformers see better", Xiao et al. 2021): small objects in from-scratch training.
+    stem: str = "patch"
 
 
 @dataclass
@@ -67,6 +70,9 @@ class CaptionerConfig:
     num_frames: int = 8  # frames sampled evenly over each clip
     gen_queries: int = 256  # generative pooler's queries = video tokens the decoder attends to
     pooler_heads: int = 8
+    # Transformer layers over the concatenated frame tokens before pooling (0 = VideoCoCa's attentional
+    # pooling alone). A layer lets tokens of different frames attend to each other before pooling.
+    temporal_layers: int = 0
 
     def validate(self) -> None:
         if self.vision.image_size % self.vision.patch_size:
@@ -74,6 +80,10 @@ class CaptionerConfig:
         for name, width in (("text.embed_dim", self.text.embed_dim), ("text.width", self.text.width)):
             if width % self.pooler_heads:
                 raise ValueError(f"{name} ({width}) must be divisible by pooler_heads ({self.pooler_heads})")
+        if self.vision.stem not in ("patch", "conv"):
+            raise ValueError(f"vision.stem must be patch or conv, got {self.vision.stem!r}")
+        if self.vision.stem == "conv" and self.vision.patch_size & (self.vision.patch_size - 1):
+            raise ValueError("a conv stem needs a power-of-two vision.patch_size")
         if self.vision.pos_embed not in ("learnable", "sin_cos_2d"):
             raise ValueError(f"vision.pos_embed must be learnable or sin_cos_2d, got {self.vision.pos_embed!r}")
         if self.num_frames < 1 or self.gen_queries < 1:
@@ -165,6 +175,20 @@ def prepare_clip(frames: np.ndarray, num_frames: int, image_size: int) -> torch.
 # --------------------------------------------------------------------------------------------
 
 
+class ConvStem(nn.Sequential):
+    """Strided 3x3 convs (GroupNorm + GELU), each halving the resolution, then a 1x1 conv to the width:
+    the same (B, width, S/patch, S/patch) output as the patchify conv it replaces."""
+
+    def __init__(self, width: int, patch_size: int):
+        n = patch_size.bit_length() - 1
+        chans = [3] + [max(16, width >> (n - i)) for i in range(1, n + 1)]  # e.g. 16, 32, 64, 128
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(chans[:-1], chans[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(1, c_out), nn.GELU()]
+        layers.append(nn.Conv2d(chans[-1], width, 1))
+        super().__init__(*layers)
+
+
 @register("captioner")
 class VideoCoCa(nn.Module):
     config_class = CaptionerConfig
@@ -183,10 +207,17 @@ class VideoCoCa(nn.Module):
             mlp_ratio=v.mlp_ratio, output_dim=t.embed_dim, pool_type="none", output_tokens=True,
             pos_embed_type=v.pos_embed,
         )
+        if v.stem == "conv":
+            self.visual.conv1 = ConvStem(v.width, v.patch_size)
         # Pooling happens after the frames are joined, so the tower's own head is not used.
         self.visual.ln_post = nn.Identity()
         self.visual.proj = None
         self.temporal_embedding = nn.Parameter(torch.zeros(config.num_frames, v.width))
+        self.temporal = None
+        if config.temporal_layers:
+            from open_clip.transformer import Transformer
+
+            self.temporal = Transformer(v.width, config.temporal_layers, v.heads, v.mlp_ratio)
 
         self.con_pool = AttentionalPooler(t.embed_dim, v.width, n_head=config.pooler_heads, n_queries=1)
         self.con_ln = LayerNorm(t.embed_dim)
@@ -217,6 +248,8 @@ class VideoCoCa(nn.Module):
         _, tokens = self.visual(x)  # (B*T, 1+N, Wv): class token + patches
         tokens = tokens.view(B, T, -1, tokens.shape[-1]) + self.temporal_embedding[:T, None, :]
         tokens = tokens.flatten(1, 2)  # (B, T*(1+N), Wv)
+        if self.temporal is not None:
+            tokens = self.temporal(tokens)
         pooled = self.con_ln(self.con_pool(tokens))[:, 0] @ self.con_proj  # (B, E)
         video_tokens = self.gen_ln(self.gen_pool(tokens))  # (B, Q, Wt)
         return F.normalize(pooled, dim=-1), video_tokens

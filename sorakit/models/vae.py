@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal, Union
 
 import numpy as np
 import torch
@@ -39,7 +39,10 @@ from sorakit.config import ConfigError, from_dict, to_dict
 from sorakit.models.io import register
 from sorakit.models.vae_blocks import Decoder, DiagonalGaussian, Encoder, ResBlock, Stream, plan_levels
 
-Frames = "np.ndarray | torch.Tensor"
+Frames = Union[np.ndarray, torch.Tensor]  # uint8 (T, H, W, 3)
+
+
+INITIAL_LOGVAR = -6.0
 
 
 @dataclass
@@ -50,7 +53,7 @@ class VAEConfig:
     in_channels: int = 3
     latent_channels: int = 16
     base_channels: int = 128
-    channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # one entry per level: log2(spatial_factor / patch_size) + 1
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # one per level: max(log2(spatial_factor/patch_size), log2(t)) + 1
     patch_size: int = 1  # p×p pixel patches become channels before the first conv (cheap high resolutions)
     num_res_blocks: int = 2
     per_frame_levels: int = 0  # the first N (highest-resolution) levels use per-frame 3×3 kernels: ⅓ the cost
@@ -71,16 +74,20 @@ class VAEConfig:
         p = self.patch_size
         if p < 1 or p & (p - 1) or p > f:
             raise ConfigError(f"patch_size must be a power of two up to spatial_factor {f}, got {p}")
-        levels = int(math.log2(f // p)) + 1
-        if len(self.channel_mult) != levels:
+        if t not in (1, 2, 4, 8):
+            raise ConfigError(f"temporal_factor must be 1, 2, 4 or 8, got {t}")
+        downs = max(int(math.log2(f // p)), int(math.log2(t)))
+        if len(self.channel_mult) != downs + 1:
             raise ConfigError(
-                f"channel_mult needs log2(spatial_factor / patch_size) + 1 = {levels} entries "
-                f"(one per level), got {len(self.channel_mult)}"
+                f"channel_mult needs one entry per level: max(log2(spatial_factor / patch_size), "
+                f"log2(temporal_factor)) + 1 = {downs + 1}, got {len(self.channel_mult)}"
             )
-        if t not in (1, 2, 4, 8) or t > f // p:
+        chans = [self.base_channels * m for m in self.channel_mult]
+        pairs = list(zip(chans[1:], chans[:-1])) + [(chans[-1], self.latent_channels)]
+        if any(a % b and b % a for a, b in pairs):
             raise ConfigError(
-                f"temporal_factor must be 1, 2, 4 or 8, and at most 2^(levels - 1) = {f // p} (time is halved "
-                f"where space is), got {t}"
+                "each level's channels and latent_channels must divide one another (the parameter-free "
+                f"shortcuts average or repeat channels): {chans} → {self.latent_channels}"
             )
         if not 0 <= self.per_frame_levels <= len(self.channel_mult):
             raise ConfigError(f"per_frame_levels must be between 0 and {len(self.channel_mult)}")
@@ -103,14 +110,15 @@ VAE_PRESETS: dict[str, dict[str, Any]] = {
     # Unit tests: runs in milliseconds on a CPU.
     "tiny": dict(latent_channels=4, base_channels=8, channel_mult=(1, 1, 2), num_res_blocks=1,
                  spatial_factor=4, temporal_factor=2, chunk_frames=2, tile_size=64, tile_overlap=32),
-    # The CPU recipe on toy-world clips (flat colours): 2× time, 4×4 space, 8 channels. Narrow, and
-    # per-frame kernels at the two finer levels (time is mixed at 1/4 resolution), to fit 2 CPU cores.
-    "toy": dict(latent_channels=8, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
+    # The CPU recipe on toy-world clips (flat colours): 2× time, 4×4 space, 8 channels. 4×4 pixel
+    # patches become channels first and time is mixed by the causal down/upsampling convolutions
+    # only: every convolution runs at 1/4 resolution, which is what lets it train on 2 CPU cores.
+    "toy": dict(latent_channels=8, base_channels=64, channel_mult=(1, 1), patch_size=4, num_res_blocks=0,
                 per_frame_levels=2, spatial_factor=4, temporal_factor=2, chunk_frames=8,
                 tile_size=256, tile_overlap=32),
     # Per-frame baseline with the same latent numbers per frame pair as `toy` (4 channels per frame).
-    "toy-spatial": dict(kind="spatial", latent_channels=4, base_channels=16, channel_mult=(1, 2, 2),
-                        num_res_blocks=1, spatial_factor=4, temporal_factor=1, chunk_frames=16,
+    "toy-spatial": dict(kind="spatial", latent_channels=4, base_channels=64, channel_mult=(1,), patch_size=4,
+                        num_res_blocks=0, spatial_factor=4, temporal_factor=1, chunk_frames=16,
                         tile_size=256, tile_overlap=32),
     # GPUs: the 4×8×8, 16-channel shape of the open video VAEs.
     "base": dict(),
@@ -155,6 +163,7 @@ class VAE(nn.Module):
         levels = plan_levels(
             config.base_channels,
             tuple(config.channel_mult),
+            int(math.log2(config.spatial_factor // config.patch_size)),
             int(math.log2(config.temporal_factor)),
             len(config.channel_mult) if config.kind == "spatial" else config.per_frame_levels,
         )
@@ -172,6 +181,11 @@ class VAE(nn.Module):
         for m in self.modules():
             if isinstance(m, ResBlock):
                 m.conv2.conv.weight.data.mul_(0.1)
+        # Start with a small posterior variance (std e^-3 ≈ 0.05): with logvar near 0 the decoder would
+        # first see latents drowned in unit noise, and reconstruction would stall until the encoder
+        # has learned to shrink it.
+        logvar_bias = self.encoder.conv_out.conv.bias.data[self.config.latent_channels :]
+        nn.init.constant_(logvar_bias, INITIAL_LOGVAR)
 
     # ----- sizes -----
     @property

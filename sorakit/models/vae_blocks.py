@@ -66,9 +66,12 @@ class CausalConv3d(nn.Module):
             return torch.ops.aten.mkldnn_convolution(x, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups)
         return self.conv(x)
 
-    def forward(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:  # (B, C, T, H, W)
+    def advance(self, x: torch.Tensor, stream: Stream | None) -> tuple[torch.Tensor, int]:
+        """Append x to the frames cached from earlier chunks; return them and the number of complete
+        windows n. Output j is computed from `buf[:, :, st·j : st·j + kt]`, whose last frame is the
+        newest input frame it sees."""
         if self.kt == 1 and self.st == 1:
-            return self._conv(x) if x.shape[2] > 0 else self._empty(x)
+            return x, x.shape[2]
         assert stream is not None, "a temporal convolution needs a Stream"
         prev = stream.cache.get(self)
         if prev is None:
@@ -79,9 +82,30 @@ class CausalConv3d(nn.Module):
         n = (length - self.kt) // self.st + 1 if length >= self.kt else 0
         # Keep only what the next window needs, copied so the chunk itself can be freed.
         stream.cache[self] = buf[:, :, n * self.st :].clone()
-        if n == 0:
-            return self._empty(x)
-        return self._conv(buf[:, :, : (n - 1) * self.st + self.kt])
+        return buf, n
+
+    def newest_frames(self, buf: torch.Tensor, n: int) -> torch.Tensor:
+        """The newest input frame of each of the n windows of `buf`: (B, C, n, H, W)."""
+        return buf[:, :, self.kt - 1 : (n - 1) * self.st + self.kt : self.st]
+
+    def windows(self, buf: torch.Tensor, n: int) -> torch.Tensor:
+        return self._conv(buf[:, :, : (n - 1) * self.st + self.kt]) if n else self._empty(buf)
+
+    def forward(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:  # (B, C, T, H, W)
+        buf, n = self.advance(x, stream)
+        return self.windows(buf, n)
+
+
+def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Parameter-free channel change for shortcuts: average groups of channels, or repeat them."""
+    c = x.shape[1]
+    if c == channels:
+        return x
+    if c % channels == 0:
+        return x.unflatten(1, (channels, c // channels)).mean(dim=2)
+    if channels % c == 0:
+        return x.repeat_interleave(channels // c, dim=1)
+    raise ValueError(f"cannot match {c} channels to {channels} without parameters")
 
 
 class ChannelRMSNorm(nn.Module):
@@ -113,45 +137,62 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve height and width, and the frame count too when `temporal` (first frame kept alone)."""
+    """Halve height and width (when `space`) and the frame count (when `time`; first frame kept alone).
 
-    def __init__(self, channels: int, temporal: bool) -> None:
+    Plus a parameter-free shortcut (as DC-AE's residual autoencoding): the 2×2 average of the newest
+    frame each output sees. The network then starts close to plain average pooling and learns only
+    what pooling loses.
+    """
+
+    def __init__(self, channels: int, space: bool, time: bool) -> None:
         super().__init__()
-        kt, st = (3, 2) if temporal else (1, 1)
-        self.conv = CausalConv3d(channels, channels, (kt, 3, 3), (st, 2, 2))
+        kt, st = (3, 2) if time else (1, 1)
+        self.space = space
+        s = 2 if space else 1
+        self.conv = CausalConv3d(channels, channels, (kt, 3, 3), (st, s, s))
 
     def forward(self, x: torch.Tensor, stream: Stream) -> torch.Tensor:
-        return self.conv(x, stream)  # (B, C, T', H/2, W/2)
+        buf, n = self.conv.advance(x, stream)
+        if n == 0:
+            return self.conv.windows(buf, 0)
+        shortcut = self.conv.newest_frames(buf, n)
+        if self.space:
+            shortcut = F.avg_pool3d(shortcut, (1, 2, 2))
+        return self.conv.windows(buf, n) + shortcut  # (B, C, T', H', W')
 
 
 class Upsample(nn.Module):
-    """Double height and width (and change channels); when `temporal`, each frame becomes two but the first.
+    """Double height and width (when `space`) and change channels; when `time`, each frame becomes two
+    but the video's first, which becomes one (mirroring the encoder: 1 + k latent frames → 1 + k·t).
 
     The temporal part is depth-to-time: a causal conv makes 2C channels that are split into two frames.
-    The first frame of the video yields one frame only (its first copy is dropped), mirroring the
-    encoder, so `1 + k` latent frames decode to `1 + k·t` frames.
+    A parameter-free shortcut (nearest upsampling, channel averages) mirrors Downsample's.
     """
 
-    def __init__(self, cin: int, cout: int, temporal: bool, kt: int) -> None:
+    def __init__(self, cin: int, cout: int, space: bool, time: bool, kt: int) -> None:
         super().__init__()
-        self.temporal = temporal
-        if temporal:
+        self.space, self.time = space, time
+        if time:
             self.time_conv = CausalConv3d(cin, 2 * cin, (3, 1, 1))
         self.conv = CausalConv3d(cin, cout, (kt, 3, 3))
 
     def forward(self, x: torch.Tensor, stream: Stream) -> torch.Tensor:
-        if self.temporal and x.shape[2] > 0:
-            b, c, t, h, w = x.shape
+        b, c, t, h, w = x.shape
+        s = 2 if self.space else 1
+        if t == 0:  # an empty chunk (a causal window not yet full) stays empty
+            return x.new_zeros(b, self.conv.conv.out_channels, 0, s * h, s * w)
+        shortcut = x
+        if self.time:
             y = self.time_conv(x, stream).view(b, 2, c, t, h, w)
             x = y.permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)  # frames interleaved in time
+            shortcut = shortcut.repeat_interleave(2, dim=2)
             if self not in stream.started:
                 stream.started.add(self)
-                x = x[:, :, 1:]
-        if x.shape[2] > 0:
+                x, shortcut = x[:, :, 1:], shortcut[:, :, 1:]
+        if self.space:
             x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")
-        else:  # an empty chunk (a causal window not yet full) stays empty
-            x = x.new_zeros(*x.shape[:3], 2 * x.shape[3], 2 * x.shape[4])
-        return self.conv(x, stream)  # (B, cout, T or 2T(-1), 2H, 2W)
+            shortcut = F.interpolate(shortcut, scale_factor=(1, 2, 2), mode="nearest")
+        return self.conv(x, stream) + match_channels(shortcut, self.conv.conv.out_channels)  # (B, cout, T'', H'', W'')
 
 
 @dataclass(frozen=True)
@@ -160,18 +201,24 @@ class Level:
 
     channels: int
     kt: int  # temporal kernel of its convolutions: 3, or 1 for per-frame levels
-    halves_time: bool  # whether the downsampling after it also halves the frame count
+    halves_space: bool  # whether the downsampling after it halves height and width
+    halves_time: bool  # whether the downsampling after it halves the frame count
 
 
 def plan_levels(
-    base_channels: int, channel_mult: tuple[int, ...], temporal_downs: int, per_frame_levels: int
+    base_channels: int, channel_mult: tuple[int, ...], space_downs: int, time_downs: int, per_frame_levels: int
 ) -> list[Level]:
-    """Levels from full resolution down. Time is halved at the deepest downsamplings (frames are cheap
-    there) and the first `per_frame_levels` levels use per-frame 3×3 kernels, a third of the cost at
-    the resolutions that dominate it."""
+    """Levels from the finest resolution down. Space and time are halved at the deepest downsamplings
+    (where it is cheapest), and the first `per_frame_levels` levels use per-frame 3×3 kernels, a third
+    of the cost at the resolutions that dominate it."""
     n_down = len(channel_mult) - 1
     return [
-        Level(base_channels * m, 1 if i < per_frame_levels else 3, n_down - temporal_downs <= i < n_down)
+        Level(
+            base_channels * m,
+            1 if i < per_frame_levels else 3,
+            n_down - space_downs <= i < n_down,
+            n_down - time_downs <= i < n_down,
+        )
         for i, m in enumerate(channel_mult)
     ]
 
@@ -209,7 +256,7 @@ class Encoder(nn.Module):
                 self.blocks.append(ResBlock(prev, lv.channels, lv.kt))
                 prev = lv.channels
             if i < len(levels) - 1:
-                self.blocks.append(Downsample(prev, lv.halves_time))
+                self.blocks.append(Downsample(prev, lv.halves_space, lv.halves_time))
         kt = levels[-1].kt
         self.mid = ResBlock(prev, prev, kt)
         self.norm_out = ChannelRMSNorm(prev)
@@ -220,7 +267,10 @@ class Encoder(nn.Module):
         for block in self.blocks:
             h = block(h, stream)
         h = self.mid(h, stream)
-        return self.conv_out(F.silu(self.norm_out(h)), stream)  # (B, 2·C, T', H/f, W/f)
+        moments = self.conv_out(F.silu(self.norm_out(h)), stream)  # (B, 2·C, T', H/f, W/f)
+        c = moments.shape[1] // 2
+        # Shortcut into the posterior mean (channel averages of the features), as in Downsample.
+        return torch.cat([moments[:, :c] + match_channels(h, c), moments[:, c:]], dim=1)
 
 
 class Decoder(nn.Module):
@@ -240,13 +290,13 @@ class Decoder(nn.Module):
                 prev = levels[i].channels
             if i > 0:
                 up = levels[i - 1]
-                self.blocks.append(Upsample(prev, up.channels, up.halves_time, up.kt))
+                self.blocks.append(Upsample(prev, up.channels, up.halves_space, up.halves_time, up.kt))
                 prev = up.channels
         self.norm_out = ChannelRMSNorm(prev)
         self.conv_out = CausalConv3d(prev, out_channels * patch_size**2, (levels[0].kt, 3, 3))
 
     def forward(self, z: torch.Tensor, stream: Stream) -> torch.Tensor:  # (B, C, T', h, w)
-        h = self.conv_in(z, stream)
+        h = self.conv_in(z, stream) + match_channels(z, self.conv_in.conv.out_channels)
         h = self.mid(h, stream)
         for block in self.blocks:
             h = block(h, stream)

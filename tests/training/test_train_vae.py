@@ -34,7 +34,7 @@ def tiny_overrides(shards: Path, out: Path, steps: int) -> list[str]:
     return [
         "preset=tiny", f"data.shards={shards}", f"out={out}", f"trainer.max_steps={steps}",
         "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=5", "trainer.accelerator=cpu",
-        "trainer.devices=1", "data.batch_size=2", "data.crop=32", "data.num_frames=5", "data.num_workers=0",
+        "trainer.devices=1", "trainer.max_minutes=5", "data.batch_size=2", "data.crop=32", "data.num_frames=5", "data.num_workers=0",
         "data.shuffle=8", "data.image_prob=0.2", "image_every_n_steps=10", "stats_batches=2", "optim.lr=0.002",
         "optim.warmup_steps=5",
     ]
@@ -81,6 +81,7 @@ def test_resume_continues_from_the_checkpoint(toy_shards, tmp_path):
     assert main(["train", "vae", *sets(8), "--resume"]) == 0
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["global_step"] == 8
+    assert ckpt["elapsed_seconds"] > 0  # the time budget carries over
     steps = [int(r["step"]) for r in read_metrics(out)]
     assert steps == [5, 6, 7]  # the second run started where the first stopped (Lightning rewrites the CSV)
 
@@ -149,3 +150,21 @@ def test_eval_and_reconstruct_commands(trained, toy_shards, toy_world, tmp_path,
     src, rec = probe(clip), probe(out)
     assert (rec.width, rec.height, rec.num_frames) == (src.width, src.height, src.num_frames)
     assert main(["vae", "reconstruct", str(tmp_path / "missing.mp4"), "--model", str(trained / "model"), "--out", str(out)]) == 1
+
+
+def test_time_budget_schedule_decays_by_time_or_steps():
+    from sorakit.training.common import OptimConfig, lr_lambda
+    from sorakit.training.vae import time_budget_schedule
+
+    optim = OptimConfig(warmup_steps=10, min_lr_ratio=0.1)
+    clock = {"t": 0.0}
+    f = time_budget_schedule(optim, 1000, 600.0, lambda: clock["t"])
+    plain = lr_lambda(optim, 1000)
+    assert f(5) == plain(5)  # warm-up is by steps
+    assert f(100) == plain(100)  # no time used: the step schedule
+    clock["t"] = 300.0  # half the budget at step 100: half-way down the cosine
+    assert f(100) == pytest.approx(plain(10 + 495))
+    clock["t"] = 600.0
+    assert f(100) == pytest.approx(optim.min_lr_ratio)
+    clock["t"] = 1.0
+    assert f(900) == plain(900)  # steps ahead of time: steps win
