@@ -9,18 +9,21 @@ video cannot be decoded is left out of the output and reported in `OUT/errors.js
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
-import torch
 
 from sorakit.data.shards import ERRORS_NAME, iter_tar_samples, list_shards, read_manifest, write_manifest, write_tar_atomic
 from sorakit.utils.fs import append_jsonl, exclusive_lock, read_jsonl
+
+if TYPE_CHECKING:  # imported where used, so the CLI starts without loading torch
+    import torch
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi", "m4v")  # as the shard reader looks for them
 
@@ -109,6 +112,8 @@ def iter_prepared(
 
 
 def _device(device: str) -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -137,6 +142,8 @@ def caption_shards(src, model_dir: str | Path, out_dir: str | Path, settings: Ca
 
     `progress(n)` is called after each batch with the number of samples done.
     """
+    import torch
+
     from sorakit.models.captioner import DecodeOptions, caption_clips
 
     s = settings or CaptionSettings()
@@ -243,7 +250,20 @@ def normalize_caption(text: str) -> str:
     return " ".join(text.lower().replace(".", " ").split())
 
 
-@torch.no_grad()
+def _no_grad(fn):
+    """`torch.no_grad()` as a decorator that imports torch only when called."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_no_grad
 def evaluate_captioner(src, model_dir: str | Path, *, frames: int | None = None, beams: int = 1,
                        batch_size: int = 32, workers: int = 2, limit: int | None = None, device: str = "auto",
                        progress: Callable[[int], None] | None = None) -> dict:
@@ -254,6 +274,8 @@ def evaluate_captioner(src, model_dir: str | Path, *, frames: int | None = None,
     video's contrastive embedding against the embeddings of the set of distinct reference captions;
     correct when its own caption ranks first.
     """
+    import torch
+
     from sorakit.models.captioner import DecodeOptions, generate
 
     model = load_captioner(model_dir, device)
