@@ -3,8 +3,9 @@
     report = evaluate_refiner("runs/demo/heldout_shards", "runs/demo/refiner", limit=16)
 
 Real clips (the held-out shards): each clip is cut to whole refiner units (sides multiples of s,
-1 + k·r frames, at most `max_frames`; a centred crop of at most `max_side` pixels when given, to
-bound the cost on a CPU) and is the ground truth; `downsample_video` makes its low-res /
+1 + k·r frames; a long clip is subsampled in time to at most `max_frames` frames spread over its
+whole length, and cropped to at most `max_side` pixels a side when given, to bound the cost on a
+CPU) and is the ground truth; `downsample_video` makes its low-res /
 low-fps version, which is refined back and, as the baseline, upsampled bicubically in space and
 linearly in time. Reported per clip and as means: PSNR of the refined and of the baseline video
 against the ground truth (refined with and without `match_low_frequencies`), their difference (the
@@ -34,19 +35,20 @@ from sorakit.generation.refine import (
 
 def crop_to_units(frames: np.ndarray, scales: tuple[int, int], max_frames: int | None,
                   max_side: int | None = None) -> np.ndarray | None:
-    """The largest leading, centred part of `frames` (at most `max_frames` frames and `max_side`
-    pixels a side) that a (s, r) reduction divides exactly, or None."""
+    """The ground truth cut from a clip, or None when it is too small: a centred crop of at most
+    `max_side` pixels a side, sides multiples of s, and 1 + k·r frames spread over the whole clip
+    (every n-th frame when it has more than `max_frames`), so the object's whole motion is kept."""
     s, r = scales
     t, h, w = frames.shape[:3]
-    if max_frames is not None:
-        t = min(t, max_frames)
+    stride = 1 if max_frames is None or t <= max_frames else -(-(t - 1) // max(1, max_frames - 1))
+    t = 1 + (t - 1) // stride
     t = 1 + (t - 1) // r * r
     ch, cw = (min(h, max_side), min(w, max_side)) if max_side else (h, w)
     ch, cw = ch - ch % s, cw - cw % s
     if ch == 0 or cw == 0 or (r > 1 and t < 1 + r):
         return None
     y, x = (h - ch) // 2, (w - cw) // 2
-    return np.ascontiguousarray(frames[:t, y : y + ch, x : x + cw])
+    return np.ascontiguousarray(frames[: 1 + (t - 1) * stride : stride, y : y + ch, x : x + cw])
 
 
 def _followed(frames: np.ndarray, caption: str | None) -> toyscore.ToyScore | None:

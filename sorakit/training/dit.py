@@ -260,9 +260,9 @@ def _rank_world() -> tuple[int, int]:
 class PackedLatents(torch.utils.data.IterableDataset):
     """Packed batches from a stream of latent samples; each worker packs its own share of shards."""
 
-    def __init__(self, cfg: TrainDiTConfig, patch: tuple[int, int, int], seed: int,
+    def __init__(self, cfg: TrainDiTConfig, patch: tuple[int, int, int], channels: int, seed: int,
                  source: Callable[[int], Iterable[dict]] | None = None):
-        self.cfg, self.patch, self.seed = cfg, patch, seed
+        self.cfg, self.patch, self.channels, self.seed = cfg, patch, channels, seed
         self.source = source  # seed → samples; default: the latent-shard reader
 
     def _samples(self, seed: int) -> Iterable[dict]:
@@ -279,7 +279,12 @@ class PackedLatents(torch.utils.data.IterableDataset):
         d, masks = self.cfg.data, self.cfg.masks
 
         def add_masks(sample: dict, rng: random.Random) -> dict:
-            return {**sample, "given": sample_given_frames(sample["latent"].shape[1], masks, rng)}
+            z = sample["latent"]
+            if z.dim() != 4 or z.shape[0] != self.channels:
+                where = f"{sample.get('meta', {}).get('shard', '')} {sample.get('key', '')}".strip()
+                raise ValueError(f"{where}: latent of shape {tuple(z.shape)}, the DiT expects ({self.channels}, T', H', W') "
+                                 "(shards encoded by another VAE?)")
+            return {**sample, "given": sample_given_frames(z.shape[1], masks, rng)}
 
         yield from packed_batches(
             self._samples(seed), self.patch, d.max_tokens, rows=d.rows, pool_size=d.pool_size,
@@ -290,16 +295,17 @@ class PackedLatents(torch.utils.data.IterableDataset):
 class LatentData(L.LightningDataModule):
     """Packed latent batches; text embeddings are added on the device after transfer."""
 
-    def __init__(self, cfg: TrainDiTConfig, patch: tuple[int, int, int], text: TextCache,
+    def __init__(self, cfg: TrainDiTConfig, model_config, text: TextCache,
                  source: Callable[[int], Iterable[dict]] | None = None):
         super().__init__()
-        self.cfg, self.patch, self.text, self.source = cfg, patch, text, source
+        self.cfg, self.text, self.source = cfg, text, source
+        self.patch, self.channels = tuple(model_config.patch), model_config.in_channels
         self.rng = random.Random(cfg.trainer.seed)
 
     def train_dataloader(self):
         # Seeded by the step, so a resumed run does not replay the batches it already trained on.
         step = self.trainer.global_step if self.trainer is not None else 0
-        ds = PackedLatents(self.cfg, self.patch, self.cfg.trainer.seed + 7919 * step, self.source)
+        ds = PackedLatents(self.cfg, self.patch, self.channels, self.cfg.trainer.seed + 7919 * step, self.source)
         w = self.cfg.data.num_workers
         return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=w, persistent_workers=w > 0)
 
@@ -373,6 +379,25 @@ def resolve_model_config(cfg: TrainDiTConfig, out: Path, resume: bool, in_channe
     return model_config
 
 
+def check_latents_match_vae(shards: str, vae_path: str, vae_config: dict) -> None:
+    """Latent shards made by a VAE of another shape cannot train a DiT that decodes with `vae_path`."""
+    from sorakit.data.shards import read_manifest
+
+    if not shards or not Path(shards).is_dir():
+        return
+    manifest = read_manifest(shards) or {}
+    made_by = (manifest.get("vae") or {}).get("config")
+    if not made_by:
+        return
+    keys = ("latent_channels", "spatial_factor", "temporal_factor", "kind")
+    diff = [k for k in keys if k in made_by and made_by[k] != vae_config.get(k)]
+    if diff:
+        k = diff[0]
+        raise ValueError(
+            f"{shards}: encoded by a VAE with {k}={made_by[k]}, but vae {vae_path} has {k}={vae_config.get(k)}"
+        )
+
+
 def train_dit(cfg: TrainDiTConfig, resume: bool = False, source: Callable[[int], Iterable[dict]] | None = None) -> Path:
     """Train, then export OUT as a pipeline directory; returns OUT.
 
@@ -390,6 +415,7 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False, source: Callable[[int],
     vae_meta = read_model_config(cfg.vae)
     if vae_meta["kind"] != "vae":
         raise ValueError(f"{cfg.vae}: holds a {vae_meta['kind']} model, expected vae")
+    check_latents_match_vae(cfg.data.shards, cfg.vae, vae_meta["config"])
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -399,7 +425,7 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False, source: Callable[[int],
     module = DiTModule(cfg, model_config)
     callbacks = [SampleVideos(cfg, out, text)] if cfg.samples.every_n_steps > 0 else []
     trainer = build_trainer(cfg.trainer, out, cfg.optim, callbacks)
-    data = LatentData(cfg, tuple(model_config.patch), text, source)
+    data = LatentData(cfg, model_config, text, source)
     fit(trainer, module, data, out, resume)
     if trainer.is_global_zero:
         dit = module.dit.cpu().eval()

@@ -70,6 +70,7 @@ class TrainRefinerConfig:
     out: str = "runs/refiner"
     aug_max: float = 0.5  # conditioning noise-augmentation levels are drawn from U(0, aug_max)
     video_weighting: str = "video"  # how videos of different sizes count in the loss: video, sqrt, token
+    threads: int = 0  # torch CPU threads (0: torch's default); 1 is fastest on a CPU shared with other jobs
     data: RefinerDataConfig = field(default_factory=RefinerDataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -346,6 +347,8 @@ def train_refiner(cfg: TrainRefinerConfig, resume: bool = False) -> Path:
         raise ValueError("data.shards is not set: give the raw training shards (--set data.shards=DIR)")
     if not cfg.vae:
         raise ValueError("vae is not set: give the trained VAE directory (--set vae=DIR)")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     vae = load_pretrained(cfg.vae, kind="vae")
     model_config = cfg.model_config(in_channels=vae.latent_channels)

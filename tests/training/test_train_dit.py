@@ -116,6 +116,12 @@ def test_bad_config_is_a_one_line_error(workspace, tmp_path, capsys):
     assert "video_weighting" in capsys.readouterr().err
     assert main(["train", "dit", "--set", "preset=tiny", "--set", f"vae={workspace / 'nope'}",
                  "--set", f"text_encoder={workspace / 'text_encoder'}", "--set", f"data.shards={workspace}"]) == 1
+    # Latents from a VAE with other channels: a one-line error naming the shard and sample.
+    save_pretrained(VAE(vae_config("tiny", latent_channels=8)), tmp_path / "vae8")
+    capsys.readouterr()
+    assert main(_args(workspace, tmp_path / "y", 1, "--set", f"vae={tmp_path / 'vae8'}")) == 1
+    err = capsys.readouterr().err
+    assert "shard-00000" in err and "expects (8, T', H', W')" in err
 
 
 def _ddp_source(seed: int):
