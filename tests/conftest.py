@@ -6,10 +6,18 @@ import os
 
 import pytest
 
-# Tests run on 2 CPU cores shared with the test runner: keep torch from oversubscribing them.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Tests run tiny models on 2 shared CPU cores: one torch thread per process is several times faster
+# there (a second OpenMP thread mostly spin-waits for a core), and the CLI runs the tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ def test_smoke_chain_from_toy_world_to_report(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     # Every stage left its self-describing output.
-    for path in ["shards/manifest.json", "captioner/config.json", "captioned/manifest.json", "vae/model/config.json",
+    for path in ["shards/manifest.json", "captioner/config.json", "captioned/manifest.json", "vae/config.json",
                  "latents/manifest.json", "pipeline/pipeline.json", "samples/index.html", "report.md"]:
         assert (run / path).is_file(), path
     for name in ["vae", "captioner", "toyworld"]:

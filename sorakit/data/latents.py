@@ -1,6 +1,6 @@
 """Latent shards: `sorakit encode` writes them, the DiT trains on them without ever running the VAE.
 
-    encode_shards("runs/demo/shards", "runs/demo/vae/model", "runs/demo/latents")
+    encode_shards("runs/demo/shards", "runs/demo/vae", "runs/demo/latents")
     for s in latent_pipeline("runs/demo/latents", shuffle=100):
         s["latent"]   # float32 (C, T', H', W'), normalised; s["caption"], s["meta"], s["key"]
 
@@ -288,11 +288,6 @@ def _decode_stage(src: Iterable[dict]) -> Iterator[dict]:
             log.warning("%s %s: skipped, cannot decode latent (%s)", sample.get("__url__"), sample.get("__key__"), e)
 
 
-def _log_and_continue(exn: Exception) -> bool:
-    log.warning("skipping unreadable latent shard data: %s", exn)
-    return True
-
-
 def latent_pipeline(shards: Any, *, shuffle: int = 0, resampled: bool = False, seed: int = 0):
     """A `webdataset.DataPipeline` over latent shards, split by node and worker.
 
@@ -300,21 +295,6 @@ def latent_pipeline(shards: Any, *, shuffle: int = 0, resampled: bool = False, s
     replacement forever (step-based training on many nodes); else one pass, shards split between
     nodes and DataLoader workers. shuffle: sample shuffle buffer (0: file order).
     """
-    import webdataset as wds
+    from sorakit.data.shards import sample_pipeline
 
-    from sorakit.data.shards import list_shards
-
-    urls = [str(p) for p in list_shards(shards)]
-    stages: list = []
-    if resampled:
-        stages.append(wds.ResampledShards(urls, seed=seed, deterministic=True))
-    else:
-        stages.append(wds.SimpleShardList(urls))
-        if shuffle:
-            stages.append(wds.detshuffle(len(urls), initial=len(urls), seed=seed))
-        stages += [wds.split_by_node, wds.split_by_worker]
-    stages.append(wds.tarfile_to_samples(handler=_log_and_continue))
-    if shuffle:
-        stages.append(wds.detshuffle(shuffle, initial=max(1, shuffle // 2), seed=seed))
-    stages.append(_decode_stage)
-    return wds.DataPipeline(*stages)
+    return sample_pipeline(shards, _decode_stage, shuffle=shuffle, resampled=resampled, seed=seed)

@@ -149,11 +149,6 @@ def decode_sample(
     return {"key": key, "frames": frames, "caption": _caption(members, meta), "meta": meta}
 
 
-def _log_and_continue(exn: Exception) -> bool:
-    log.warning("skipping unreadable shard data: %s", exn)
-    return True
-
-
 class _DecodeStage:
     """Pipeline stage: raw webdataset samples -> decoded clips; broken ones are logged and skipped."""
 
@@ -217,25 +212,8 @@ def clip_pipeline(
         split between nodes and workers.
     split_by_node: in epoch mode, give each node (RANK / WORLD_SIZE) its own subset of shards.
     """
-    import webdataset as wds
-
-    from sorakit.data.shards import list_shards
+    from sorakit.data.shards import sample_pipeline
 
     sampling = FrameSampling(num_frames, stride, fps, random_window, min_frames, max_side, multiple_of, crop)
-    urls = [str(p) for p in list_shards(shards)]
-    stages: list = []
-    if resampled:
-        stages.append(wds.ResampledShards(urls, seed=seed, deterministic=True))
-    else:
-        stages.append(wds.SimpleShardList(urls))
-        if shuffle:
-            stages.append(wds.detshuffle(len(urls), initial=len(urls), seed=seed))
-        if split_by_node:
-            stages.append(wds.split_by_node)
-        stages.append(wds.split_by_worker)
-    stages.append(wds.tarfile_to_samples(handler=_log_and_continue))
-    if shuffle:
-        # Shuffle the still-encoded samples: a buffer of decoded frames would cost far more memory.
-        stages.append(wds.detshuffle(shuffle, initial=max(1, shuffle // 2), seed=seed))
-    stages.append(_DecodeStage(sampling, seed))
-    return wds.DataPipeline(*stages)
+    return sample_pipeline(shards, _DecodeStage(sampling, seed), shuffle=shuffle, resampled=resampled, seed=seed,
+                           split_by_node=split_by_node)

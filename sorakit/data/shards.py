@@ -12,12 +12,15 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import os
 import tarfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from sorakit.utils.fs import atomic_path, atomic_write_json
+
+log = logging.getLogger(__name__)
 
 SHARD_PREFIX = "shard-"
 SHARD_SUFFIX = ".tar"
@@ -278,3 +281,37 @@ def shard_counts(directory: str | os.PathLike) -> dict[str, int]:
         return {s["name"]: int(s["count"]) for s in manifest.get("shards", [])}
     return {p.name: count_tar_samples(p) for p in list_shards(directory)}
 
+
+
+def _skip_unreadable(exn: Exception) -> bool:
+    log.warning("skipping unreadable shard data: %s", exn)
+    return True
+
+
+def sample_pipeline(shards: Any, decode, *, shuffle: int = 0, resampled: bool = False, seed: int = 0,
+                    split_by_node: bool = True):
+    """A `webdataset.DataPipeline` of the samples of `shards`, mapped by the stage `decode`.
+
+    resampled: every rank and worker draws shards with replacement forever (step-based training on
+    many nodes: no rank runs dry); else one pass, shards split between nodes (RANK / WORLD_SIZE, when
+    `split_by_node`) and DataLoader workers. shuffle: a sample shuffle buffer of still-encoded samples
+    (a buffer of decoded frames would cost far more memory); 0 reads shards and samples in order.
+    """
+    import webdataset as wds
+
+    urls = [str(p) for p in list_shards(shards)]
+    stages: list = []
+    if resampled:
+        stages.append(wds.ResampledShards(urls, seed=seed, deterministic=True))
+    else:
+        stages.append(wds.SimpleShardList(urls))
+        if shuffle:
+            stages.append(wds.detshuffle(len(urls), initial=len(urls), seed=seed))
+        if split_by_node:
+            stages.append(wds.split_by_node)
+        stages.append(wds.split_by_worker)
+    stages.append(wds.tarfile_to_samples(handler=_skip_unreadable))
+    if shuffle:
+        stages.append(wds.detshuffle(shuffle, initial=max(1, shuffle // 2), seed=seed))
+    stages.append(decode)
+    return wds.DataPipeline(*stages)

@@ -3,15 +3,16 @@
 After "VideoCoCa: Video-Text Modeling with Zero-Shot Transfer from Contrastive Captioners"
 (arXiv 2212.04979), built from open_clip's CoCa parts:
 
-    frames (B, T, 3, S, S) ──ViT per frame──▶ (B, T, N, Wv) + temporal emb ──flatten──▶ (B, T*N, Wv)
+    frames (B, T, 3, S, S) ──ViT per frame (+ temporal emb)──▶ (B, T, N, Wv) ──flatten──▶ (B, T*N, Wv)
         ├─ contrastive pooler (1 query)  ─▶ LN ─▶ proj ─▶ video embedding (B, E)
         └─ generative pooler (Q queries) ─▶ LN ─▶ video tokens (B, Q, Wt) ─┐
     caption ids (B, L) ──text tower (causal, CLS appended)──▶ text embedding (B, E)  │
                                           └─▶ token states (B, L, Wt) ──multimodal decoder──▶ logits
 
 The two poolers are separate modules, as in the paper (open_clip's pretrained CoCa shares one).
-A learned temporal embedding, initialised at zero, is added to each frame's tokens: attentional
-pooling is blind to token order, and without it "moving left" and "moving right" look the same.
+A learned temporal embedding, initialised at zero, is added to each frame's tokens as they enter the
+image tower: attentional pooling is blind to token order, and without it "moving left" and "moving
+right" look the same.
 
 Frames enter at native aspect: each is resized so its long side is `image_size` and padded to a
 square with the normalisation mean (`letterbox`), so nothing is cropped and shapes are not distorted;
@@ -73,6 +74,10 @@ class CaptionerConfig:
     # Transformer layers over the concatenated frame tokens before pooling (0 = VideoCoCa's attentional
     # pooling alone). A layer lets tokens of different frames attend to each other before pooling.
     temporal_layers: int = 0
+    # Two-frame tubelets (ViViT's tubelet embedding, reparametrised): each frame's patch embedding plus
+    # an embedding of its difference from the previous sampled frame, so a token sees the local motion
+    # under it. The difference stem starts at zero, so an image CoCa's weights load unchanged.
+    motion_embed: bool = False
 
     def validate(self) -> None:
         if self.vision.image_size % self.vision.patch_size:
@@ -98,14 +103,19 @@ PRESETS: dict[str, CaptionerConfig] = {
         num_frames=2,
         gen_queries=4,
         pooler_heads=2,
+        motion_embed=True,
     ),
+    # From scratch on a CPU: fixed sin-cos positions, a conv stem and two-frame tubelets make shape and
+    # motion learnable in minutes (toy world, 1200 steps: motion 20% -> 97%, exact captions 15% -> 88%).
     "toy": CaptionerConfig(
-        vision=VisionTowerConfig(image_size=64, patch_size=16, width=128, layers=3, heads=4),
+        vision=VisionTowerConfig(image_size=64, patch_size=16, width=128, layers=3, heads=4,
+                                 pos_embed="sin_cos_2d", stem="conv"),
         text=TEXT_PRESETS["toy"],
         decoder=DecoderConfig(layers=2, heads=4),
         num_frames=4,
         gen_queries=16,
         pooler_heads=4,
+        motion_embed=True,
     ),
     # Shaped like open_clip's coca_ViT-B-32, so its checkpoint initialises the towers (`load_coca_weights`).
     "base": CaptionerConfig(
@@ -209,6 +219,12 @@ class VideoCoCa(nn.Module):
         )
         if v.stem == "conv":
             self.visual.conv1 = ConvStem(v.width, v.patch_size)
+        self.motion_stem = None
+        if config.motion_embed:
+            self.motion_stem = (ConvStem(v.width, v.patch_size) if v.stem == "conv"
+                                else nn.Conv2d(3, v.width, v.patch_size, v.patch_size, bias=False))
+            last = self.motion_stem[-1] if v.stem == "conv" else self.motion_stem
+            nn.init.zeros_(last.weight)
         # Pooling happens after the frames are joined, so the tower's own head is not used.
         self.visual.ln_post = nn.Identity()
         self.visual.proj = None
@@ -239,15 +255,33 @@ class VideoCoCa(nn.Module):
     def pad_id(self) -> int:
         return self.tokenizer.pad_id
 
+    def frame_tokens(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        """Normalised frames (B*T, 3, S, S) -> the image tower's tokens (B, T, 1+N, Wv), class token first.
+
+        open_clip's ViT forward, with each frame's temporal embedding added to its tokens after the
+        input norm and *before* the tower: added to the tower's outputs it is dwarfed by their norm
+        and a from-scratch model never learns motion (toy world: motion at chance after 1200 steps).
+        """
+        v = self.visual
+        patches = v.conv1(x)  # (B*T, Wv, g, g)
+        if self.motion_stem is not None:
+            frames = x.view(-1, T, *x.shape[1:])
+            diff = torch.cat([torch.zeros_like(frames[:, :1]), frames[:, 1:] - frames[:, :-1]], 1)  # frame 0: none
+            patches = patches + self.motion_stem(diff.flatten(0, 1))
+        x = patches.flatten(2).transpose(1, 2)  # (B*T, N, Wv)
+        x = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1).to(x.dtype), x], 1) + v.positional_embedding
+        x = v.ln_pre(v.patch_dropout(x))
+        x = x.view(-1, T, *x.shape[1:]) + self.temporal_embedding[:T, None, :]  # (B, T, 1+N, Wv)
+        x = v.transformer(x.flatten(0, 1))
+        return x.view(-1, T, *x.shape[1:])
+
     def encode_video(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 frames (B, T, 3, S, S) -> (normalised embedding (B, E), generative tokens (B, Q, Wt))."""
         B, T = frames.shape[:2]
         if T > self.config.num_frames:
             raise ValueError(f"got {T} frames per clip, the model takes at most {self.config.num_frames}")
         x = (frames.flatten(0, 1).float() - self.mean) / self.std  # (B*T, 3, S, S)
-        _, tokens = self.visual(x)  # (B*T, 1+N, Wv): class token + patches
-        tokens = tokens.view(B, T, -1, tokens.shape[-1]) + self.temporal_embedding[:T, None, :]
-        tokens = tokens.flatten(1, 2)  # (B, T*(1+N), Wv)
+        tokens = self.frame_tokens(x, T).flatten(1, 2)  # (B, T*(1+N), Wv)
         if self.temporal is not None:
             tokens = self.temporal(tokens)
         pooled = self.con_ln(self.con_pool(tokens))[:, 0] @ self.con_proj  # (B, E)

@@ -20,7 +20,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sorakit.models.io import CONFIG_FILE, load_pretrained, register, save_pretrained

@@ -7,7 +7,7 @@ recipe passes Lightning's options (devices, strategy, precision, accumulation, n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 

@@ -12,9 +12,10 @@ Generator and discriminator share one optimiser: the generator's adversarial ter
 discriminator with detached parameters and the discriminator's term sees detached reconstructions, so
 one backward pass trains both and Lightning's clipping, accumulation, precision and strategies apply.
 
-Output: `OUT/model/` (config.json + model.safetensors, EMA weights when EMA is on, latent statistics
-measured after training), `OUT/checkpoints/last.ckpt` for `--resume`, `OUT/logs/metrics.csv`,
-`OUT/reconstructions/step_*.png` (top row inputs, bottom row reconstructions), `OUT/config.yaml`.
+Output: `OUT/` is the VAE model directory (config.json + model.safetensors, EMA weights when EMA is
+on, latent statistics measured after training), as every trainer's OUT is; beside the model,
+`OUT/checkpoints/last.ckpt` for `--resume`, `OUT/logs/metrics.csv`, `OUT/reconstructions/step_*.png`
+(top row inputs, bottom row reconstructions) and `OUT/train_config.yaml`.
 """
 
 from __future__ import annotations
@@ -369,7 +370,7 @@ def measure_latent_stats(vae: VAE, batches: Iterable[torch.Tensor], max_batches:
 
 
 def export_model(module: VAEModule, data: VAEData, out: Path) -> Path:
-    """Measure the latent normalisation on training batches and write `out/model`."""
+    """Measure the latent normalisation on training batches and write the model directory `out`."""
     from sorakit.models.io import save_pretrained
 
     vae = module.vae.cpu() if module.device.type != "cpu" else module.vae
@@ -378,7 +379,7 @@ def export_model(module: VAEModule, data: VAEData, out: Path) -> Path:
     mean, std = measure_latent_stats(vae, pipe, module.cfg.stats_batches)
     vae.with_latent_stats(mean, std)
     extra = {"training": {"steps": int(module.global_step), "config": to_dict(module.cfg)}}
-    return save_pretrained(vae, out / "model", extra=extra)
+    return save_pretrained(vae, out, extra=extra)
 
 
 def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> Path:
@@ -392,7 +393,7 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out / ".lock"):
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, out / "train_config.yaml")
         L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
         model_config = cfg.model_config()
         module = VAEModule(cfg, model_config)
@@ -400,7 +401,7 @@ def train_vae(cfg: TrainVAEConfig, resume: bool = False) -> Path:
         trainer = build_trainer(cfg.trainer, out, cfg.optim)
         fit(trainer, module, data, out, resume)
         if not trainer.is_global_zero:
-            return out / "model"
+            return out
         return export_model(module, data, out)
 
 

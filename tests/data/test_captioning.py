@@ -19,14 +19,6 @@ from sorakit.models.text_encoder import CaptionTokenizer
 from sorakit.utils.fs import read_jsonl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster, above all on a shared machine
-    yield
-    torch.set_num_threads(n)
-
-
 def make_toy_shards(root: Path, num_clips: int, per_shard: int, *, uncaptioned=(), broken=()) -> Path:
     """Toy-world clips as raw shards (KEY.mp4, KEY.json, KEY.txt), as ingest writes them."""
     clips = make_toyworld(root / "clips", num_clips, seed=5)

@@ -167,7 +167,7 @@ def test_csv_and_list_inputs_captions_and_dedup(tmp_path):
     d = tmp_path / "data"
     d.mkdir()
     a = make_clip(d / "clip a.mp4")
-    b = make_clip(d / "b.webm", codec="libvpx-vp9", size=(48, 64))
+    make_clip(d / "b.webm", codec="libvpx-vp9", size=(48, 64))
     (d / "clip a.txt").write_text("sidecar caption loses to the csv")
     shutil.copy(a, d / "copy of a.mp4")
     (d / "list.txt").write_text("# my clips\nb.webm\n\ncopy of a.mp4\n")

@@ -16,15 +16,6 @@ from sorakit.models.io import load_pretrained, save_pretrained
 from sorakit.models.vae import VAE, vae_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convolutions on a shared 2-core machine: one thread avoids OpenMP spin-waiting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory) -> Path:
     """An untrained tiny VAE with latent statistics, saved as a model directory."""

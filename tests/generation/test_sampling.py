@@ -18,15 +18,6 @@ from sorakit.models.vae import VAE, vae_config
 CFG = DiffusionConfig(shift_base_tokens=128)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core CPU: a second thread only adds waiting.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)

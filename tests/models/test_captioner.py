@@ -30,15 +30,6 @@ CAPTIONS = ["a red circle moving left", "a blue square standing still", "a green
 VOCAB = CaptionTokenizer.build_vocab(CAPTIONS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run several times faster on one thread, above all on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(vocab=VOCAB, **over) -> VideoCoCa:
     torch.manual_seed(0)
     return build_captioner("tiny", {"text": {"vocab": vocab}, **over})
@@ -82,6 +73,24 @@ def test_frame_order_matters_through_the_temporal_embedding():
     assert not torch.allclose(a, b, atol=1e-4)  # "moving left" must differ from "moving right"
 
 
+def test_motion_stem_sees_frame_differences_and_starts_silent():
+    m = tiny()
+    x = clips(m, 2)
+    with torch.no_grad():
+        a, _ = m.encode_video(x)
+        b, _ = m.encode_video(x.flip(1))
+        still = x[:, :1].expand_as(x).contiguous()
+        assert torch.allclose(a, b, atol=1e-5)  # at init (both temporal parts at zero): frames are a bag
+        m.motion_stem.weight.normal_(std=0.1)
+        a, _ = m.encode_video(x)
+        b, _ = m.encode_video(x.flip(1))
+        s1, _ = m.encode_video(still)
+        m.motion_stem.weight.zero_()
+        s0, _ = m.encode_video(still)
+    assert not torch.allclose(a, b, atol=1e-4)  # reversed motion, other embedding
+    assert torch.allclose(s0, s1, atol=1e-6)  # a still clip has no differences to embed
+
+
 def test_both_losses_decrease():
     m = tiny()
     x, ids = clips(m, 3), m.tokenizer(CAPTIONS)
@@ -107,7 +116,7 @@ def test_duplicate_captions_are_positives():
 
 
 @pytest.fixture(scope="module")
-def overfit(one_thread) -> VideoCoCa:
+def overfit() -> VideoCoCa:
     """A tiny model trained to caption three clips exactly."""
     m = tiny()
     x, ids = clips(m, 3), m.tokenizer(CAPTIONS)
@@ -205,7 +214,8 @@ def test_init_from_open_clip_coca_checkpoint(tmp_path, vocab):
     coca = open_clip.CoCa(cc["embed_dim"], cc["multimodal_cfg"], cc["text_cfg"], cc["vision_cfg"]).eval()
     torch.save(coca.state_dict(), tmp_path / "coca.pt")
     m = VideoCoCa(cfg).eval()
-    assert load_coca_weights(m, tmp_path / "coca.pt") == ["temporal_embedding"]
+    # The temporal embedding and the tubelets' difference stem are VideoCoCa's own; both start at zero.
+    assert sorted(load_coca_weights(m, tmp_path / "coca.pt")) == ["motion_stem.weight", "temporal_embedding"]
     images = torch.randint(0, 256, (2, 1, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         ours, _ = m.encode_video(images)

@@ -11,15 +11,6 @@ from sorakit.models.io import load_pretrained, save_pretrained
 from sorakit.models.layers import AxialRoPE3D, apply_rope
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core CPU: a second thread only adds waiting.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     # adaLN-Zero makes a fresh model output zeros; random weights exercise every path.
     g = torch.Generator().manual_seed(seed)

@@ -12,15 +12,6 @@ from sorakit.models.vae import VAE, vae_config
 from sorakit.models.vae_blocks import Stream
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions on a shared 2-core machine: one thread avoids OpenMP spin-waiting (~8× faster)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**overrides) -> VAE:
     torch.manual_seed(0)
     return VAE(vae_config("tiny", **overrides)).eval()

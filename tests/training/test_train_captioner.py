@@ -16,14 +16,6 @@ from sorakit.training.captioner import TrainCaptionerConfig
 from tests.data.test_captioning import make_toy_shards
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster, above all on a shared machine
-    yield
-    torch.set_num_threads(n)
-
-
 def steps_logged(out) -> list[int]:
     with open(out / "logs" / "metrics.csv") as f:
         return [int(r["step"]) for r in csv.DictReader(f) if r.get("loss")]

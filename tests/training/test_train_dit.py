@@ -78,15 +78,6 @@ def test_training_lowers_the_loss_and_exports_a_pipeline(workspace, tmp_path):
     assert util and min(util) > 0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core CPU: a second thread only adds waiting.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _fixed_loss_with(dit, ws, te_state) -> float:
     te = build_text_encoder("tiny")
     te.load_state_dict(te_state)

@@ -21,15 +21,6 @@ from sorakit.training.vae import ClipBatcher, TrainVAEConfig, evaluate_vae, psnr
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convolutions on a shared 2-core machine: one thread avoids OpenMP spin-waiting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_overrides(shards: Path, out: Path, steps: int) -> list[str]:
     return [
         "preset=tiny", f"data.shards={shards}", f"out={out}", f"trainer.max_steps={steps}",
@@ -60,13 +51,13 @@ def test_training_lowers_the_loss_and_exports_a_model(trained, toy_shards):
     # Batches differ a lot (black vs white backgrounds), so compare on fixed clips instead of the
     # logged loss: the trained model reconstructs them far better than the same network untrained.
     torch.manual_seed(0)
-    untrained = VAE(load_pretrained(trained / "model", kind="vae").config)
+    untrained = VAE(load_pretrained(trained, kind="vae").config)
     save_pretrained(untrained, trained / "untrained")
-    after = evaluate_vae(trained / "model", toy_shards, limit=2)
+    after = evaluate_vae(trained, toy_shards, limit=2)
     before = evaluate_vae(trained / "untrained", toy_shards, limit=2)
     assert [c["key"] for c in after["clips"]] == [c["key"] for c in before["clips"]]
     assert after["mean_psnr"] > before["mean_psnr"] + 4
-    vae = load_pretrained(trained / "model", kind="vae")
+    vae = load_pretrained(trained, kind="vae")
     # Latent statistics were measured on data and stored with the weights.
     assert len(vae.config.latent_mean) == vae.latent_channels == len(vae.config.latent_std)
     assert all(s > 0 for s in vae.config.latent_std)
@@ -134,7 +125,7 @@ def test_psnr_and_ssim_known_values():
 
 
 def test_eval_and_reconstruct_commands(trained, toy_shards, toy_world, tmp_path, capsys):
-    assert main(["vae", "eval", str(toy_shards), "--model", str(trained / "model"), "--limit", "2", "--json"]) == 0
+    assert main(["vae", "eval", str(toy_shards), "--model", str(trained), "--limit", "2", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert len(r["clips"]) == 2
     for c in r["clips"]:
@@ -143,13 +134,13 @@ def test_eval_and_reconstruct_commands(trained, toy_shards, toy_world, tmp_path,
     assert r["mean_psnr"] == pytest.approx(np.mean([c["psnr"] for c in r["clips"]]))
     clip = sorted(toy_world.glob("*.mp4"))[0]
     out = tmp_path / "recon.mp4"
-    assert main(["vae", "reconstruct", str(clip), "--model", str(trained / "model"), "--out", str(out)]) == 0
+    assert main(["vae", "reconstruct", str(clip), "--model", str(trained), "--out", str(out)]) == 0
     assert "PSNR" in capsys.readouterr().out
     from sorakit.media import probe
 
     src, rec = probe(clip), probe(out)
     assert (rec.width, rec.height, rec.num_frames) == (src.width, src.height, src.num_frames)
-    assert main(["vae", "reconstruct", str(tmp_path / "missing.mp4"), "--model", str(trained / "model"), "--out", str(out)]) == 1
+    assert main(["vae", "reconstruct", str(tmp_path / "missing.mp4"), "--model", str(trained), "--out", str(out)]) == 1
 
 
 def test_time_budget_schedule_decays_by_time_or_steps():
