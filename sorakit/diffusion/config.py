@@ -7,14 +7,17 @@ from typing import Literal
 
 from sorakit.config import ConfigError
 
-PARAMETRISATIONS: tuple[str, ...] = ("v", "eps", "flow")
+PARAMETRISATIONS: tuple[str, ...] = ("v", "eps", "flow", "x")
 SCHEDULES: tuple[str, ...] = ("cosine", "scaled_linear")
 
 
 @dataclass
 class DiffusionConfig:
-    # What the network predicts: v = α·ε − σ·x0 (default), eps = ε, flow = ε − x0 (rectified flow).
-    parametrisation: Literal["v", "eps", "flow"] = "v"
+    # What the network predicts: v = α·ε − σ·x0 (default), eps = ε, flow = ε − x0 (rectified flow),
+    # x = x0 itself, trained with the v-loss's weighting ("Back to Basics: Let Denoising Generative
+    # Models Denoise", Li & He 2025): the choice when a token's patch has more values than the network's
+    # width, where a v/eps network cannot carry the noise through and leaves it in the samples.
+    parametrisation: Literal["v", "eps", "flow", "x"] = "v"
     # The variance-preserving noise path of v/eps (α² + σ² = 1). Flow always uses α = 1 − t, σ = t.
     schedule: Literal["cosine", "scaled_linear"] = "cosine"
     # Rescale α so the last step is pure noise (Lin et al. 2024), which sampling from pure noise needs.
@@ -23,7 +26,7 @@ class DiffusionConfig:
     # SNR divided by shift², shift = shift_scale · sqrt(n / shift_base_tokens). 0 turns it off.
     shift_base_tokens: int = 0
     shift_scale: float = 1.0
-    # Min-SNR-γ loss weighting (Hang et al. 2023); 0 turns it off.
+    # Min-SNR-γ loss weighting (Hang et al. 2023); 0 turns it off. For x: the cap of the v-loss weight.
     min_snr_gamma: float = 0.0
     # How training draws t ∈ [0, 1]: uniform, or logit-normal (more weight on the middle, as SD3).
     t_sampling: Literal["uniform", "logit_normal"] = "uniform"

@@ -4,6 +4,7 @@ With x_t = α·x0 + σ·ε:
   v    = α·ε − σ·x0    (variance-preserving paths: α² + σ² = 1)
   eps  = ε
   flow = ε − x0        (rectified flow: α + σ = 1)
+  x    = x0            (weighted as the v-loss: an x0 error e is a v error e/σ on a VP path)
 Every sampler works on (x0, ε) recovered from the prediction by `to_x0_eps`.
 """
 
@@ -12,6 +13,10 @@ from __future__ import annotations
 import torch
 
 from sorakit.diffusion.config import DiffusionConfig
+
+
+# x-prediction divides by σ to find ε and weights its loss by 1/σ²; below this σ both are held constant.
+X_SIGMA_MIN = 0.05
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -26,6 +31,8 @@ def target(x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sigma: to
         return noise
     if param == "flow":
         return noise - x0
+    if param == "x":
+        return x0
     raise ValueError(f"unknown parametrisation {param!r}")
 
 
@@ -39,6 +46,8 @@ def to_x0_eps(
         return (x_t - sigma * pred) / alpha, pred
     if param == "flow":
         return x_t - sigma * pred, x_t + alpha * pred
+    if param == "x":
+        return pred, (x_t - alpha * pred) / sigma.clamp(min=X_SIGMA_MIN)
     raise ValueError(f"unknown parametrisation {param!r}")
 
 
@@ -54,7 +63,11 @@ def loss_weight(alpha: torch.Tensor, sigma: torch.Tensor, cfg: DiffusionConfig) 
     Min-SNR-γ weights the error on x0 by min(SNR, γ); an error e on the prediction is an error
     c·e on x0 with c = ∂x0/∂pred (σ for v and flow, σ/α for eps), so the weight here is
     min(SNR, γ)·c² (for v: min(SNR, γ)/(SNR + 1), for eps: min(SNR, γ)/SNR). 1 when γ = 0.
+    x-prediction is weighted as the v-loss it stands for, 1/σ², capped.
     """
+    if cfg.parametrisation == "x":  # the v-loss: 1/σ² = SNR + 1, capped at γ (or at σ = X_SIGMA_MIN)
+        cap = cfg.min_snr_gamma if cfg.min_snr_gamma > 0 else X_SIGMA_MIN**-2
+        return sigma.clamp(min=1e-12).pow(-2).clamp(max=cap)
     if cfg.min_snr_gamma <= 0:
         return torch.ones_like(alpha)
     snr = alpha**2 / sigma.clamp(min=1e-12) ** 2

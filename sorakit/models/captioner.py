@@ -125,6 +125,7 @@ PRESETS: dict[str, CaptionerConfig] = {
         num_frames=8,
         gen_queries=256,
         pooler_heads=8,
+        motion_embed=True,  # starts at zero: a CoCa checkpoint still loads exactly
     ),
 }
 

@@ -25,16 +25,17 @@ CONFIGS = {
     "v": DiffusionConfig(parametrisation="v"),
     "eps": DiffusionConfig(parametrisation="eps", schedule="scaled_linear", zero_terminal_snr=False),
     "flow": DiffusionConfig(parametrisation="flow"),
+    "x": DiffusionConfig(parametrisation="x"),
 }
 
 
-@pytest.mark.parametrize("param", ["v", "eps", "flow"])
+@pytest.mark.parametrize("param", ["v", "eps", "flow", "x"])
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_conversions_recover_x0_and_noise_exactly(param, shift):
     cfg = CONFIGS[param]
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(64, 5, generator=g), torch.randn(64, 5, generator=g)
-    t = torch.linspace(0.02, 0.98, 64)[:, None]
+    t = torch.linspace(0.05 if param == "x" else 0.02, 0.98, 64)[:, None]  # x: σ above X_SIGMA_MIN
     alpha, sigma = alpha_sigma(t, cfg, shift)
     x_t = add_noise(x0, noise, alpha, sigma)
     pred = target(x0, noise, alpha, sigma, param)
@@ -52,6 +53,19 @@ def test_known_values_of_v_and_flow_targets():
     # At pure noise (α = 0) a v-model still determines x0: x0 = −v.
     x0_hat, _ = to_x0_eps(torch.tensor([5.0]), torch.tensor([0.3]), torch.tensor(0.0), torch.tensor(1.0), "v")
     assert x0_hat.item() == pytest.approx(-5.0)
+
+
+def test_x_prediction_is_weighted_as_the_v_loss():
+    cfg = CONFIGS["x"]
+    g = torch.Generator().manual_seed(1)
+    x0, noise, x0_hat = (torch.randn(32, 4, generator=g) for _ in range(3))
+    alpha, sigma = alpha_sigma(torch.linspace(0.1, 1.0, 32)[:, None], cfg)
+    x_t = add_noise(x0, noise, alpha, sigma)
+    v_err = (from_x0(x0_hat, x_t, alpha, sigma, "v") - target(x0, noise, alpha, sigma, "v")) ** 2
+    x_err = (x0_hat - target(x0, noise, alpha, sigma, "x")) ** 2 * loss_weight(alpha, sigma, cfg)
+    torch.testing.assert_close(x_err, v_err, atol=1e-4, rtol=1e-4)
+    # Near σ = 0 the weight is capped, so clean tokens cannot dominate the loss.
+    assert loss_weight(torch.tensor(1.0), torch.tensor(1e-4), cfg).item() == pytest.approx(400.0)
 
 
 def test_zero_terminal_snr_rescale():
