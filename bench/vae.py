@@ -46,7 +46,8 @@ with torch.inference_mode():
     elif mode == "decode_one_pass":
         out = vae.decode(z[None])
     else:
-        x = torch.from_numpy(frames[: vae.num_frames_for(shape[1])]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+        tf = vae.temporal_factor  # one pass takes 1 + k·t frames: the longest such prefix
+        x = torch.from_numpy(frames[: 1 + (t - 1) // tf * tf]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
         out = vae.encode(x).mean
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

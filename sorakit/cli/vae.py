@@ -22,7 +22,7 @@ def train_vae(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: the config's `out`)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last.ckpt."),
 ):
-    """Train the spacetime VAE from scratch on raw shards; writes OUT/model."""
+    """Train the spacetime VAE from scratch on raw shards; OUT becomes the VAE model directory."""
     from sorakit.config import load_config
     from sorakit.training.vae import TrainVAEConfig, train_vae as run
 

@@ -61,7 +61,7 @@ def test_training_lowers_the_loss_and_exports_a_model(trained, toy_shards):
     # Latent statistics were measured on data and stored with the weights.
     assert len(vae.config.latent_mean) == vae.latent_channels == len(vae.config.latent_std)
     assert all(s > 0 for s in vae.config.latent_std)
-    assert (trained / "config.yaml").is_file()
+    assert (trained / "train_config.yaml").is_file()
     assert list((trained / "reconstructions").glob("step_*.png"))
 
 
