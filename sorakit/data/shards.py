@@ -282,7 +282,6 @@ def shard_counts(directory: str | os.PathLike) -> dict[str, int]:
     return {p.name: count_tar_samples(p) for p in list_shards(directory)}
 
 
-
 def _skip_unreadable(exn: Exception) -> bool:
     log.warning("skipping unreadable shard data: %s", exn)
     return True
