@@ -225,7 +225,9 @@ class VideoCoCa(nn.Module):
             self.motion_stem = (ConvStem(v.width, v.patch_size) if v.stem == "conv"
                                 else nn.Conv2d(3, v.width, v.patch_size, v.patch_size, bias=False))
             last = self.motion_stem[-1] if v.stem == "conv" else self.motion_stem
-            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.weight)  # the conv stem's last layer has a bias too: silent means both
+            if last.bias is not None:
+                nn.init.zeros_(last.bias)
         # Pooling happens after the frames are joined, so the tower's own head is not used.
         self.visual.ln_post = nn.Identity()
         self.visual.proj = None

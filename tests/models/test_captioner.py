@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from sorakit.models.captioner import (
     DecodeOptions,
@@ -73,19 +74,25 @@ def test_frame_order_matters_through_the_temporal_embedding():
     assert not torch.allclose(a, b, atol=1e-4)  # "moving left" must differ from "moving right"
 
 
-def test_motion_stem_sees_frame_differences_and_starts_silent():
-    m = tiny()
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_motion_stem_sees_frame_differences_and_starts_silent(stem):
+    m = tiny(vision={"stem": stem})
     x = clips(m, 2)
     with torch.no_grad():
         a, _ = m.encode_video(x)
         b, _ = m.encode_video(x.flip(1))
         still = x[:, :1].expand_as(x).contiguous()
         assert torch.allclose(a, b, atol=1e-5)  # at init (both temporal parts at zero): frames are a bag
-        m.motion_stem.weight.normal_(std=0.1)
+        stem, m.motion_stem = m.motion_stem, None
+        assert torch.allclose(m.encode_video(x)[0], a, atol=1e-6)  # at init the stem adds nothing at all
+        m.motion_stem = stem
+        for name, w in m.motion_stem.named_parameters():
+            if name.endswith("weight"):  # biases stay at zero: then a still clip adds nothing
+                w.normal_(std=0.1)
         a, _ = m.encode_video(x)
         b, _ = m.encode_video(x.flip(1))
         s1, _ = m.encode_video(still)
-        m.motion_stem.weight.zero_()
+        m.motion_stem.apply(lambda mod: nn.init.zeros_(mod.weight) if isinstance(mod, nn.Conv2d) else None)
         s0, _ = m.encode_video(still)
     assert not torch.allclose(a, b, atol=1e-4)  # reversed motion, other embedding
     assert torch.allclose(s0, s1, atol=1e-6)  # a still clip has no differences to embed
