@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from sorakit.cli import main
 from sorakit.config import load_config
 from sorakit.data.latents import LATENT_MEMBER, latent_bytes, latent_pipeline
 from sorakit.data.packing import pack_text, packed_batches
-from sorakit.data.shards import write_tar_atomic
+from sorakit.data.shards import write_manifest, write_tar_atomic
 from sorakit.generation.pipeline import load_pipeline
 from sorakit.models.dit import DiT, dit_config
 from sorakit.models.io import save_pretrained
@@ -113,6 +114,15 @@ def test_bad_config_is_a_one_line_error(workspace, tmp_path, capsys):
     assert main(_args(workspace, tmp_path / "y", 1, "--set", f"vae={tmp_path / 'vae8'}")) == 1
     err = capsys.readouterr().err
     assert "shard-00000" in err and "expects (8, T', H', W')" in err
+    # With the manifest `sorakit encode` writes, the mismatch is caught before training starts.
+    shutil.copytree(workspace / "latents", tmp_path / "latents")
+    write_manifest(tmp_path / "latents", [{"name": f"shard-{s:06d}.tar", "count": 12} for s in range(2)],
+                   vae={"path": str(workspace / "vae"), "config": {"latent_channels": 4, "kind": "spacetime"}})
+    assert main(_args(workspace, tmp_path / "z", 1, "--set", f"vae={tmp_path / 'vae8'}",
+                      "--set", f"data.shards={tmp_path / 'latents'}")) == 1
+    err = capsys.readouterr().err
+    assert "encoded by a VAE with latent_channels=4" in err and "has latent_channels=8" in err
+    assert not (tmp_path / "z" / "checkpoints").exists()
 
 
 def _ddp_source(seed: int):
