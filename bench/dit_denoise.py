@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     import sorakit.models.dit as dit_module
     from sorakit.data.latents import latent_pipeline
     from sorakit.data.packing import pack
-    from sorakit.diffusion import alpha_sigma, network_time
-    from sorakit.diffusion.parametrisation import to_x0_eps
+    from sorakit.diffusion import add_noise, alpha_sigma, network_time, to_x0_eps
     from sorakit.generation.pipeline import load_pipeline
     from sorakit.generation.sampling import _encode
     from sorakit.models.layers import PackedMask
@@ -51,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     rank = min(weight.shape)
     basis = torch.linalg.svd(weight, full_matrices=True).Vh  # (P, P): rows 0..rank-1 span what x_embed sees
     x0, valid = batch.x, batch.valid.float()
-    tokens = valid.sum() / valid.shape[-1]
+    values = valid.sum()
+    tokens = values / valid.shape[-1]
     dense_mask = dit_module.packed_attention_mask
 
     def self_only(seq_ids, backend):
@@ -75,15 +75,14 @@ def main(argv: list[str] | None = None) -> None:
         a, s = alpha_sigma(torch.full((len(samples),), t), cfg)
         alpha, sigma = batch.per_token(a)[..., None], batch.per_token(s)[..., None]
         noise = torch.randn_like(x0)
-        x_t = alpha * x0 + sigma * noise
+        x_t = add_noise(x0, noise, alpha, sigma)
         err = x0_error(x_t, alpha, sigma, dense_mask)
         alone = x0_error(x_t, alpha, sigma, self_only)
         row = (err @ basis[:rank].T).pow(2).sum() / tokens / rank
         null = (err @ basis[rank:].T).pow(2).sum() / tokens / (p - rank) if p > rank else float("nan")
-        n = valid.sum()
         print(
-            f"| {t:.2f} ({s.max():.2f}) | {err.pow(2).sum() / n:.4f} | {row:.4f} | {null:.4f} | "
-            f"{(sigma * noise * valid).pow(2).sum() / n:.4f} | {alone.pow(2).sum() / n:.4f} |"
+            f"| {t:.2f} ({s.max():.2f}) | {err.pow(2).sum() / values:.4f} | {row:.4f} | {null:.4f} | "
+            f"{(sigma * noise * valid).pow(2).sum() / values:.4f} | {alone.pow(2).sum() / values:.4f} |"
         )
 
 
