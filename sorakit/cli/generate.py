@@ -73,10 +73,11 @@ def sample(
     expand: Optional[bool] = EXPAND,
     fps: Optional[float] = FPS,
     crf: int = CRF,
+    refine: Optional[bool] = typer.Option(D.refine, "--refine/--no-refine", help="Apply the pipeline's refiners (more pixels and frames) after the base model (default: when the pipeline holds any)."),
 ):
     """Text-to-video (or image-to-video with --image) at any size and length; batches with --prompts."""
     cfg = _config(width=width, height=height, frames=frames, fps=fps, seed=seed, steps=steps, sampler=sampler,
-                  guidance=guidance, negative_prompt=negative_prompt, expand=expand, crf=crf)
+                  guidance=guidance, negative_prompt=negative_prompt, expand=expand, crf=crf, refine=refine)
     if prompts is not None:
         if prompt is not None or out is not None or image is not None:
             raise UserError("--prompts runs a batch: give --out-dir, not a PROMPT, --out or --image (put images in the .jsonl)")

@@ -53,6 +53,7 @@ class GenerationConfig:
     context: int = 2  # latent frames of the input given as context (extend, interpolate)
     window: int | None = None  # latent frames per sampling call when extending; None: the pipeline's
     crf: int = 18  # H.264 quality of the written video
+    refine: bool | None = None  # sample: apply the pipeline's refiners; None: when it holds any
 
     def validate(self) -> None:
         for name in ("width", "height", "frames"):
@@ -320,6 +321,7 @@ def _record(mode: str, prompt: str, text: str, expansion: dict | None, cfg: Gene
     if mode.startswith("extend") or mode == "interpolate":
         settings["window"] = _window(pipe, cfg)
     settings["expand"] = expansion is not None
+    settings["refine"] = extra.get("refined") is not None
     rec = {
         "mode": mode,
         "prompt": prompt,
@@ -367,9 +369,28 @@ def text_to_video(pipe, prompt: str, cfg: GenerationConfig) -> Generated:
     win = _sample(pipe, text, plan.latent, cfg, cfg.seed, clock=clock)
     frames = pipe.vae.decode_video(win.latent, plan.frames, plan.height, plan.width)
     fps = cfg.fps or float(pipeline_default(pipe, "fps", FALLBACK_FPS))
+    frames, fps, refined = _refine(pipe, win.latent, frames, fps, cfg)
     rec = _record("text-to-video", prompt, text, expansion, cfg, pipe, size=_size(frames, fps), plan=plan.to_dict(),
-                  timing=_timing(clock, start))
+                  timing=_timing(clock, start), refined=refined)
     return Generated(frames, fps, rec, [win])
+
+
+def _refine(pipe, latent, frames: np.ndarray, fps: float, cfg: GenerationConfig) -> tuple[np.ndarray, float, dict | None]:
+    """The pipeline's chain of refiners on a sampled base latent (`sample --refine`): the output has
+    s× the pixels and r× the frames at r× the rate; the record keeps the base size."""
+    use = bool(pipe.refiners) if cfg.refine is None else cfg.refine
+    if not use:
+        return frames, fps, None
+    if not pipe.refiners:
+        raise ValueError(f"{pipe.path or 'the pipeline'}: holds no refiners (pipeline.json \"refiners\": []), so --refine cannot apply")
+    from sorakit.generation.refine import chain_scales, refine_decoded
+
+    start = time.perf_counter()
+    s, r = chain_scales(pipe.refiners)
+    out = refine_decoded(pipe.refiners, pipe.vae, latent, tuple(frames.shape[:3]), base_frames=frames, seed=cfg.seed)
+    info = {"spatial_scale": s, "temporal_scale": r, "base_size": _size(frames, fps),
+            "seconds": round(time.perf_counter() - start, 3)}
+    return out, fps * r, info
 
 
 def _fit_image(image: np.ndarray, width: int | None, height: int | None) -> tuple[np.ndarray, list[str]]:
@@ -410,8 +431,9 @@ def image_to_video(pipe, prompt: str, image: np.ndarray, cfg: GenerationConfig) 
     frames = pipe.vae.decode_video(win.latent, plan.frames, plan.height, plan.width)
     frames[0] = image
     fps = cfg.fps or float(pipeline_default(pipe, "fps", FALLBACK_FPS))
+    frames, fps, refined = _refine(pipe, win.latent, frames, fps, cfg)  # frame 0 is then the refined image
     rec = _record("image-to-video", prompt, text, expansion, cfg, pipe, size=_size(frames, fps), plan=plan.to_dict(),
-                  timing=_timing(clock, start))
+                  timing=_timing(clock, start), refined=refined)
     return Generated(frames, fps, rec, [win])
 
 

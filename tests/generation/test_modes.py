@@ -133,3 +133,22 @@ def test_prompts_are_expanded_when_the_pipeline_records_captions(pipe, tmp_path)
     assert modes.text_to_video(pipe, "red circle", cfg).record["expanded_prompt"] is None
     with pytest.raises(ValueError, match="needs a caption corpus"):
         modes.text_to_video(pipe, "red circle", cfg.replace(expand=True))
+
+
+def test_sample_applies_the_pipelines_refiners_unless_told_not_to(tmp_path, clip):
+    from sorakit.generation.pipeline import load_pipeline
+
+    pipe = load_pipeline(make_tiny_pipeline(tmp_path / "cascade", refiner=True))
+    cfg = CFG.replace(width=16, height=12, frames=5, seed=1)
+    base = modes.text_to_video(pipe, "a red circle", cfg.replace(refine=False))
+    refined = modes.text_to_video(pipe, "a red circle", cfg)  # default: refine when the pipeline holds refiners
+    assert base.frames.shape == (5, 12, 16, 3) and base.record["refined"] is None
+    assert refined.frames.shape == (9, 24, 32, 3) and refined.fps == 2 * base.fps
+    assert refined.record["refined"]["base_size"] == {"width": 16, "height": 12, "frames": 5, "fps": base.fps}
+    assert refined.record["settings"]["refine"] is True and base.record["settings"]["refine"] is False
+    assert refined.record["size"]["width"] == 32
+    i2v = modes.image_to_video(pipe, "a red circle", clip[0], cfg.replace(frames=5))
+    assert i2v.frames.shape == (9, 24, 32, 3)
+    plain = load_pipeline(make_tiny_pipeline(tmp_path / "plain"))
+    with pytest.raises(ValueError, match="holds no refiners"):
+        modes.text_to_video(plain, "a red circle", cfg.replace(refine=True))

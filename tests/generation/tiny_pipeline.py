@@ -10,7 +10,8 @@ FPS = 8
 WINDOW = 4  # latent frames per sampling call
 
 
-def make_tiny_pipeline(root: str | Path, seed: int = 0) -> Path:
+def make_tiny_pipeline(root: str | Path, seed: int = 0, refiner: bool = False) -> Path:
+    """refiner: also hold a tiny 2× space, 2× time refiner (`sample --refine`)."""
     import torch
 
     from sorakit.diffusion import DiffusionConfig
@@ -24,6 +25,12 @@ def make_tiny_pipeline(root: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     vae_dir = save_pretrained(VAE(vae_config("tiny")), root / "vae")
     text_dir = save_pretrained(build_text_encoder("tiny"), root / "text")
+    refiners = []
+    if refiner:
+        from sorakit.models.refiner import build_refiner
+
+        refiners.append(save_pretrained(build_refiner("tiny", spatial_scale=2, temporal_scale=2), root / "refiner",
+                                        extra={"vae": "../vae"}))
     generation = {"sample_size": list(SAMPLE_SIZE), "fps": FPS, "window": WINDOW}
-    return export_pipeline(root / "pipeline", build_dit("tiny"), DiffusionConfig(), vae_dir, text_dir,
+    return export_pipeline(root / "pipeline", build_dit("tiny"), DiffusionConfig(), vae_dir, text_dir, refiners,
                            extra={"generation": generation, "train_sizes": [list(SAMPLE_SIZE)]})
