@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from sorakit.data.packing import PackedBatch, pack, pack_text
-from sorakit.diffusion import DiffusionConfig, get_sampler, network_time, sampling_grid, shift_factor
+from sorakit.diffusion import DiffusionConfig, get_sampler, network_time, sampling_grid, shift_factor, to_x0_eps
 
 
 @dataclass
@@ -155,11 +155,19 @@ def generate_latents(
     reps = 2 if guided else 1
     pos, seq_ids, tok_given = (v.repeat(reps, *[1] * (v.dim() - 1)) for v in (batch.pos, batch.seq_ids, token_given))
 
+    # Self-conditioning: each branch (text, negative) sees its own x0 estimate from the previous call.
+    x0_prev = torch.zeros_like(x).repeat(reps, 1, 1) if getattr(dit.config, "self_condition", False) else None
+
     def denoise(x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        nonlocal x0_prev
         t = network_time(alpha, sigma).expand(*x.shape[:2], 1)[..., 0]  # (B, N)
         t = t.masked_fill(token_given, 0.0)  # given tokens are clean
         x_in, t_in = (torch.cat([x, x]), torch.cat([t, t])) if guided else (x, t)
-        pred = dit(x_in, t_in, pos, seq_ids, ctx, ctx_ids, pooled, tok_given).float()
+        pred = dit(x_in, t_in, pos, seq_ids, ctx, ctx_ids, pooled, tok_given, x0_prev=x0_prev).float()
+        if x0_prev is not None:
+            a, s = (v.expand_as(x).repeat(reps, 1, 1) for v in (alpha, sigma))
+            x0_prev = to_x0_eps(pred, x_in, a, s, diffusion_cfg.parametrisation)[0]
+            x0_prev = torch.where(given_mask.repeat(reps, 1, 1), given_values.repeat(reps, 1, 1), x0_prev)
         if not guided:
             return pred
         cond, uncond = pred.chunk(2)

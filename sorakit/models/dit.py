@@ -1,7 +1,8 @@
 """Diffusion Transformer over packed spacetime patches (patch n' pack).
 
-    dit = DiT(dit_config("toy", in_channels=8, text_dim=128))      # or load_pretrained(dir, kind="dit")
+    dit = DiT(dit_config("toy", in_channels=4, text_dim=128))      # or load_pretrained(dir, kind="dit")
     pred = dit(x, t, pos, seq_ids, ctx, ctx_ids, pooled, given)   # (B, N, P), see `forward`
+    pred = dit(..., x0_prev=x0_hat)                                  # with self_condition: the last estimate
 
 The input is a packed batch (`sorakit.data.packing.pack`): latents of any shape (C, T', H', W')
 cut into spacetime patches of (pt, ph, pw) latent elements, each patch flattened to
@@ -22,6 +23,7 @@ P = C·pt·ph·pw values, and the patches of several videos concatenated in a ro
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +62,14 @@ class DiTConfig:
     rope_theta: float = 10000.0
     attn_backend: str = "auto"  # auto | dense | segments | flex (see sorakit.models.layers)
     grad_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% more compute
+    # Self-conditioning (Chen et al. 2022, "Analog Bits"): the network also sees its own previous x0
+    # estimate (zeros when there is none). Training then runs an extra no-grad pass for half the videos.
+    self_condition: bool = False
+    # NaViT's fractional positions: each token also gets an embedding of where it sits within its own
+    # video, (i + 0.5) / n per axis, beside the relative RoPE. Relative positions alone make
+    # frame-relative facts (an object stays inside the frame, a motion spans a fraction of the
+    # frame) hard to learn; fractions keep any size and length valid. 0 frequencies = off.
+    frac_pos_freqs: int = 0
 
     def validate(self) -> None:
         if self.dim % self.heads:
@@ -81,9 +91,9 @@ class DiTConfig:
 DIT_PRESETS: dict[str, dict[str, Any]] = {
     # Unit tests: a forward pass in milliseconds on a CPU.
     "tiny": dict(in_channels=4, text_dim=32, dim=32, depth=2, heads=2),
-    # The CPU recipe on toy-world latents (4×4×2 VAE, flat colours): 2×4×4 patches keep a clip at
-    # ~400 tokens (at most 1700), so 2 cores see ~20k clips in the recipe's 24 minutes.
-    "toy": dict(in_channels=8, text_dim=128, patch=(2, 4, 4), dim=128, depth=4, heads=4),
+    # The CPU recipe on toy-world latents (4×4×2 VAE, 4 channels, flat colours): 2×4×4 patches keep a
+    # clip at ~400 tokens (at most 1700), and a patch's 128 values fit through the 128-wide network.
+    "toy": dict(in_channels=4, text_dim=128, patch=(2, 4, 4), dim=128, depth=4, heads=4),
     # GPUs: DiT-B width with text cross-attention.
     "base": dict(),
     # DiT-XL width and depth.
@@ -107,6 +117,9 @@ class DiT(nn.Module):
         self.config = config
         d, p = config.dim, config.patch_dim
         self.x_embed = nn.Linear(p, d)  # a Conv3d(C, D, kernel=stride=patch) on the flattened patch
+        # Self-conditioning: Linear([x, x0_prev]) written as x_embed(x) + sc_embed(x0_prev).
+        self.sc_embed = nn.Linear(p, d, bias=False) if config.self_condition else None
+        self.frac_embed = nn.Linear(6 * config.frac_pos_freqs, d, bias=False) if config.frac_pos_freqs else None
         self.given_embed = nn.Parameter(torch.zeros(d))  # marks clean context tokens
         self.t_embed = TimestepEmbedder(d)
         self.text_norm = nn.LayerNorm(config.text_dim, elementwise_affine=False, eps=1e-6)
@@ -122,6 +135,9 @@ class DiT(nn.Module):
     def initialize_weights(self) -> None:
         init_adaln_zero(self)
         nn.init.normal_(self.given_embed, std=0.02)
+        for extra in (self.sc_embed, self.frac_embed):  # start as the network without them
+            if extra is not None:
+                nn.init.zeros_(extra.weight)
 
     @property
     def patch(self) -> tuple[int, int, int]:
@@ -153,8 +169,14 @@ class DiT(nn.Module):
         ctx_ids: torch.Tensor,  # (B, L) the video slot each text token belongs to; -1 = padding
         pooled: torch.Tensor,  # (B, V, Dt) pooled text per video slot
         given: torch.Tensor | None = None,  # (B, N) bool: the token is clean context
+        x0_prev: torch.Tensor | None = None,  # (B, N, P) previous x0 estimate (self-conditioning)
     ) -> torch.Tensor:
         h = self.x_embed(x)  # (B, N, D)
+        if self.sc_embed is not None and x0_prev is not None:
+            h = h + self.sc_embed(x0_prev.to(h.dtype))
+        if self.frac_embed is not None:
+            frac = fractional_features(pos, seq_ids, self.config.frac_pos_freqs, slots=pooled.shape[1])
+            h = h + self.frac_embed(frac.to(h.dtype))
         if given is not None:
             h = h + given[..., None].to(h.dtype) * self.given_embed
         cond, cond_idx = self.conditioning(t, seq_ids, pooled)
@@ -168,6 +190,20 @@ class DiT(nn.Module):
             else:
                 h = block(h, cond, cond_idx, mask, rope, ctx, ctx_mask)
         return self.final(h, cond, cond_idx)  # (B, N, P)
+
+
+def fractional_features(pos: torch.Tensor, seq_ids: torch.Tensor, freqs: int, slots: int | None = None) -> torch.Tensor:
+    """(B, N, 3) patch coordinates → (B, N, 6·freqs) Fourier features of each token's fractional
+    position (i + 0.5) / n within its own video, n per axis taken from the video's tokens.
+    slots: video slots per row (default: read from seq_ids, which costs a device sync)."""
+    b, n, _ = pos.shape
+    slots = int(seq_ids.max()) + 1 if slots is None else slots
+    slot = seq_ids.clamp(min=0)[..., None].expand(b, n, 3)  # (B, N, 3)
+    real = pos.masked_fill(seq_ids[..., None] < 0, 0)  # padding must not stretch slot 0
+    extent = pos.new_zeros(b, max(slots, 1), 3).scatter_reduce(1, slot, real, "amax") + 1  # (B, V, 3)
+    frac = (pos.float() + 0.5) / extent.gather(1, slot).float()  # (B, N, 3) in (0, 1)
+    angles = math.pi * frac[..., None] * torch.arange(1, freqs + 1, device=pos.device)  # (B, N, 3, F)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(2)  # (B, N, 6F)
 
 
 def build_dit(preset: str = "base", **overrides: Any) -> DiT:

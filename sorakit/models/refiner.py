@@ -1,6 +1,6 @@
 """Cascaded spacetime refiner: a second-stage diffusion transformer that raises resolution and frame rate.
 
-    refiner = Refiner(refiner_config("toy", in_channels=8, spatial_scale=2, temporal_scale=2))
+    refiner = Refiner(refiner_config("toy", in_channels=4, spatial_scale=2, temporal_scale=2))
     cond = upsample_latent(z_low, refiner.scales)                # (C, T'h, H'h, W'h) on the target grid
     pred = refiner(x, cond_tokens, t, aug, pos, seq_ids)         # (B, N, P), see `forward`
 
@@ -114,9 +114,9 @@ class RefinerConfig:
 REFINER_PRESETS: dict[str, dict[str, Any]] = {
     # Unit tests: a forward pass in milliseconds on a CPU.
     "tiny": dict(in_channels=4, dim=32, depth=2, heads=2),
-    # The CPU recipe on toy-world latents (4×4×2 VAE, 8 channels). Local windows keep a refined
+    # The CPU recipe on toy-world latents (4×4×2 VAE, 4 channels). Local windows keep a refined
     # 320×320 clip affordable on a CPU; they cover a whole 64-pixel training crop in space.
-    "toy": dict(in_channels=8, patch=(1, 2, 2), dim=128, depth=4, heads=4, attn_window=(4, 8, 8)),
+    "toy": dict(in_channels=4, patch=(1, 2, 2), dim=128, depth=4, heads=4, attn_window=(4, 8, 8)),
     # GPUs, on the base VAE's 16-channel latents: 1024-token windows.
     "base": dict(attn_window=(4, 16, 16)),
 }

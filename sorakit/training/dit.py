@@ -46,6 +46,7 @@ from sorakit.diffusion import (
     sample_t,
     shift_factor,
     target,
+    to_x0_eps,
 )
 from sorakit.training.common import OptimConfig, TrainerConfig, build_trainer, configure_adamw, fit
 
@@ -192,9 +193,11 @@ def diffusion_loss(
     text: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     cfg: DiffusionConfig,
     weighting: str = "video",
+    self_cond_prob: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise each video at its own (shifted) time, predict, and average the loss per video then over
-    videos; given elements stay clean (time 0 for fully given tokens) and carry no loss."""
+    videos; given elements stay clean (time 0 for fully given tokens) and carry no loss.
+    self_cond_prob: for a self-conditioned DiT, the share of videos that see its own first estimate."""
     x0 = batch.x
     nv = len(batch.videos)
     positions = torch.tensor([v.shape[1] * v.shape[2] * v.shape[3] for v in batch.videos], dtype=torch.float32)
@@ -206,7 +209,20 @@ def diffusion_loss(
     x_t = torch.where(batch.given, x0, alpha * x0 + sigma * noise)
     token_given = batch.token_given()
     t_net = network_time(alpha, sigma)[..., 0].masked_fill(token_given, 0.0)
-    pred = dit(x_t, t_net, batch.pos, batch.seq_ids, *text, token_given)
+    args = (x_t, t_net, batch.pos, batch.seq_ids, *text, token_given)
+    x0_prev = None
+    if getattr(dit.config, "self_condition", False):
+        # Some videos see the network's own x0 estimate from a first, no-grad pass (as sampling
+        # will), the rest see zeros (as the first sampling step does). Always a tensor, so every
+        # parameter takes part in every step (DDP).
+        x0_prev = torch.zeros_like(x_t)
+        use = batch.per_token(torch.rand(nv) < self_cond_prob)[..., None].to(x0.device)  # (B, N, 1)
+        if use.any():
+            with torch.no_grad():
+                first = dit(*args, x0_prev=x0_prev).float()
+            x0_prev = torch.where(use, to_x0_eps(first, x_t, alpha, sigma, cfg.parametrisation)[0], x0_prev)
+            x0_prev = torch.where(batch.given, x0, x0_prev)
+    pred = dit(*args, x0_prev=x0_prev)
     err = (pred.float() - target(x0, noise, alpha, sigma, cfg.parametrisation)) ** 2
     err = err * loss_weight(alpha, sigma, cfg)
     return per_video_loss(err, batch.valid & ~batch.given, batch, weighting)

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from sorakit.data.packing import pack
 from sorakit.diffusion import DiffusionConfig
 from sorakit.generation.pipeline import export_pipeline, load_pipeline
 from sorakit.generation.sampling import GivenLatents, generate_latents
@@ -96,3 +97,27 @@ def test_pipeline_round_trip(tmp_path, models):
     copied = export_pipeline(tmp_path / "portable", dit, cfg, tmp_path / "moved" / "vae", tmp_path / "moved" / "gone", copy=True)
     assert json.loads((copied / "pipeline.json").read_text())["vae"] == "vae"
     assert load_pipeline(copied).text_encoder.dim == 32
+
+
+def test_self_conditioning_feeds_each_call_the_previous_estimate():
+    torch.manual_seed(0)
+    dit = build_dit("tiny", self_condition=True)
+    for p in dit.parameters():
+        p.data.normal_(0, 0.05)
+    te = build_text_encoder("tiny").eval()
+    seen = []
+    hook = dit.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["x0_prev"].clone()), with_kwargs=True)
+    estimates = []
+    z = torch.randn(4, 3, 4, 4)
+    frames = torch.tensor([True, False, False])
+    try:
+        out = generate_latents(dit.eval(), CFG, te, ["a"], [(3, 4, 4)], given=[(z, frames)], steps=4, seed=1,
+                               guidance=1.0, callback=lambda i, x, x0: estimates.append(x0.clone()))
+    finally:
+        hook.remove()
+    assert len(seen) == 4 and seen[0].abs().max() == 0  # nothing to condition on at the first step
+    layout = pack([z], dit.patch, given_frames=[frames])
+    for before, fed in zip(estimates, seen[1:]):  # call i + 1 sees the sampler's x0 of step i ...
+        torch.testing.assert_close(fed[~layout.given], before[~layout.given])
+        assert torch.equal(fed[layout.given], layout.x[layout.given])  # ... with the given frames clean
+    assert torch.equal(out[0][:, frames], z[:, frames])

@@ -129,3 +129,36 @@ def test_save_and_load_pretrained(tmp_path):
     assert tuple(loaded.config.patch) == (1, 1, 2)
     _, args = _inputs(dit, [torch.randn(4, 2, 3, 3)], [torch.randn(2, 32)])
     torch.testing.assert_close(loaded(*args), dit(*args))
+
+
+def test_self_conditioning_sees_the_previous_estimate_and_starts_switched_off():
+    fresh = build_dit("tiny", self_condition=True)
+    _, args = _inputs(fresh, [torch.randn(4, 2, 4, 4)], [torch.randn(2, 32)])
+    for p in fresh.parameters():  # random weights everywhere except the zero-initialised sc embedding
+        if p is not fresh.sc_embed.weight:
+            p.data.normal_(0, 0.1)
+    x0_hat = torch.randn_like(args[0])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(*args, x0_prev=x0_hat), fresh(*args))
+        fresh.sc_embed.weight.data.normal_(0, 0.1)
+        assert (fresh(*args, x0_prev=x0_hat) - fresh(*args)).abs().max() > 1e-3
+    plain = build_dit("tiny")
+    assert plain.sc_embed is None and "sc_embed.weight" not in plain.state_dict()
+
+
+def test_fractional_positions_are_relative_to_each_videos_own_extent():
+    from sorakit.models.dit import fractional_features
+
+    small, large = torch.randn(4, 1, 6, 6), torch.randn(4, 3, 10, 10)  # 1×3×3 and 3×5×5 tokens of (1, 2, 2)
+    batch = pack([small, large], (1, 2, 2), max_tokens=80)  # a row each; the short row is padded
+    feats = fractional_features(batch.pos, batch.seq_ids, 3)
+    s, l = batch.videos
+    assert (batch.seq_ids[s.row] == -1).any()
+    centre_small = feats[s.row, s.start + 4]  # (0, 1, 1) of 1×3×3
+    centre_large = feats[l.row, l.start + 37]  # (1, 2, 2) of 3×5×5: 25 + 2·5 + 2
+    torch.testing.assert_close(centre_small, centre_large)
+    assert (feats[l.row, l.start] - centre_large).abs().max() > 0.5  # a corner is elsewhere
+    alone = pack([large, small], (1, 2, 2), max_tokens=128)  # now sharing a row
+    shared = fractional_features(alone.pos, alone.seq_ids, 3)[0]
+    torch.testing.assert_close(shared[:75], feats[l.row, :75])
+    torch.testing.assert_close(shared[75:], feats[s.row, :9])

@@ -150,6 +150,32 @@ def test_ddp_spawn_training_step_on_cpu(workspace, tmp_path):
     assert load_pipeline(tmp_path / "ddp").dit.final.linear.weight.abs().max() > 0
 
 
+def test_self_conditioning_trains_its_embedding_and_every_parameter_gets_a_gradient():
+    from sorakit.models.dit import build_dit
+    from sorakit.data.packing import pack
+
+    dit = build_dit("tiny", self_condition=True)
+    for p in dit.parameters():  # a fresh DiT predicts zero and passes no gradient back to its inputs
+        if p is not dit.sc_embed.weight:
+            p.data.normal_(0, 0.05)
+    z = [torch.randn(4, 3, 4, 4), torch.randn(4, 2, 6, 4)]
+    batch = pack(z, dit.patch, given_frames=[torch.tensor([True, False, False]), None])
+    texts = [torch.randn(3, 32), torch.randn(2, 32)]
+    text = pack_text(batch, texts, torch.stack([t.mean(0) for t in texts]))
+    calls = []
+    dit.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["x0_prev"].clone()), with_kwargs=True)
+    for prob, passes in ((0.0, 1), (1.0, 2)):  # no video self-conditions / every video does
+        dit.zero_grad(set_to_none=True)
+        calls.clear()
+        diffusion_loss(dit, batch, text, TrainDiTConfig().diffusion, self_cond_prob=prob)[0].backward()
+        assert len(calls) == passes
+        assert all(p.grad is not None for p in dit.parameters())  # DDP needs every parameter in every step
+    assert dit.sc_embed.weight.grad.abs().max() > 0
+    fed = calls[-1]
+    assert torch.equal(fed[batch.given], batch.x[batch.given])  # given elements: their clean values
+    assert fed[~batch.given & batch.valid].abs().max() > 0  # the rest: the first pass's estimate
+
+
 def test_mask_strategy_modes():
     rng = random.Random(0)
     cfg = MaskConfig(t2v=0.2, i2v=0.2, forward=0.2, backward=0.2, interpolate=0.2)
