@@ -56,15 +56,14 @@ def main(argv: list[str] | None = None) -> None:
           f"path {base.schedule}, zero-terminal-SNR {base.zero_terminal_snr}, shift_base_tokens {base.shift_base_tokens}")
     print("visibility = per-frame signal x SNR(t), median / 10th percentile over clips")
     print("t      " + "".join(f"| shift_scale {s:<4g} " for s in scales))
-    for i, t in enumerate(times.tolist()):
+    positions = torch.tensor([float(n) for n, _ in signals])
+    signal = torch.tensor([s for _, s in signals])
+    for t in times.tolist():
         cells = []
         for s in scales:
             cfg = dataclasses.replace(base, shift_scale=s)
-            vis = []
-            for n, signal in signals:
-                a, sg = alpha_sigma(times[i : i + 1], cfg, shift_factor(torch.tensor(float(n)), cfg))
-                vis.append(signal * float((a / sg.clamp(min=1e-12)) ** 2))
-            vis.sort()
+            a, sg = alpha_sigma(torch.full_like(positions, t), cfg, shift_factor(positions, cfg))  # per clip
+            vis = sorted((signal * (a / sg.clamp(min=1e-12)) ** 2).tolist())
             cells.append(f"| {statistics.median(vis):7.2f} / {vis[len(vis) // 10]:6.2f} ")
         print(f"{t:<6.2f} " + "".join(cells))
 

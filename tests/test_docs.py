@@ -52,6 +52,8 @@ def documented_commands() -> list[tuple[str, str]]:
 
 
 COMMANDS = documented_commands()
+load_commands()
+CLI = typer.main.get_command(app)  # a click command tree (typer ships its own click)
 
 
 def _words(command: str) -> list[str]:
@@ -73,9 +75,7 @@ def test_the_docs_show_commands():
 
 @pytest.mark.parametrize("where,command", COMMANDS, ids=[f"{w}:{c[:60]}" for w, c in COMMANDS])
 def test_documented_command_exists_and_its_options_do(where, command):
-    load_commands()
-    cmd = typer.main.get_command(app)  # a click command (typer ships its own click)
-    words, path = _words(command), []
+    cmd, words, path = CLI, _words(command), []
     while hasattr(cmd, "commands") and words and words[0] in cmd.commands:
         path.append(words[0])
         cmd = cmd.commands[words.pop(0)]

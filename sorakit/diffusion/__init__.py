@@ -4,7 +4,7 @@
 """
 
 from sorakit.diffusion.config import PARAMETRISATIONS, SCHEDULES, DiffusionConfig
-from sorakit.diffusion.parametrisation import add_noise, from_x0, loss_weight, target, to_x0_eps
+from sorakit.diffusion.parametrisation import add_noise, from_x0, loss_weight, self_condition_input, target, to_x0_eps
 from sorakit.diffusion.samplers import (
     EVALS_PER_STEP,
     SAMPLERS,
@@ -19,7 +19,7 @@ from sorakit.diffusion.schedule import NoiseGrid, alpha_sigma, network_time, sam
 
 __all__ = [
     "DiffusionConfig", "PARAMETRISATIONS", "SCHEDULES",
-    "add_noise", "from_x0", "loss_weight", "target", "to_x0_eps",
+    "add_noise", "from_x0", "loss_weight", "self_condition_input", "target", "to_x0_eps",
     "SAMPLERS", "EVALS_PER_STEP", "default_sampler", "get_sampler",
     "sample_ddim", "sample_dpmpp_2m", "sample_euler", "sample_heun",
     "NoiseGrid", "alpha_sigma", "network_time", "sample_t", "sampling_grid", "shift_factor",

@@ -51,6 +51,17 @@ def to_x0_eps(
     raise ValueError(f"unknown parametrisation {param!r}")
 
 
+def self_condition_input(
+    pred: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, param: str,
+    given: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """What a self-conditioned network is fed next: the x0 its prediction implies, with the given
+    (clean context) elements at their values. given = (mask, values). Training and sampling both
+    call this, so the network sees the same thing in both."""
+    mask, values = given
+    return torch.where(mask, values, to_x0_eps(pred, x_t, alpha, sigma, param)[0])
+
+
 def from_x0(x0: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, param: str) -> torch.Tensor:
     """The prediction that a denoiser giving x0 at x_t amounts to (needs σ > 0)."""
     noise = (x_t - alpha * x0) / sigma

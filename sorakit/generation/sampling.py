@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from sorakit.data.packing import PackedBatch, pack, pack_text
-from sorakit.diffusion import DiffusionConfig, get_sampler, network_time, sampling_grid, shift_factor, to_x0_eps
+from sorakit.diffusion import DiffusionConfig, get_sampler, network_time, sampling_grid, self_condition_input, shift_factor
 
 
 @dataclass
@@ -157,6 +157,7 @@ def generate_latents(
 
     # Self-conditioning: each branch (text, negative) sees its own x0 estimate from the previous call.
     x0_prev = torch.zeros_like(x).repeat(reps, 1, 1) if getattr(dit.config, "self_condition", False) else None
+    branch_given = (given_mask.repeat(reps, 1, 1), given_values.repeat(reps, 1, 1))
 
     def denoise(x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         nonlocal x0_prev
@@ -166,8 +167,7 @@ def generate_latents(
         pred = dit(x_in, t_in, pos, seq_ids, ctx, ctx_ids, pooled, tok_given, x0_prev=x0_prev).float()
         if x0_prev is not None:
             a, s = (v.expand_as(x).repeat(reps, 1, 1) for v in (alpha, sigma))
-            x0_prev = to_x0_eps(pred, x_in, a, s, diffusion_cfg.parametrisation)[0]
-            x0_prev = torch.where(given_mask.repeat(reps, 1, 1), given_values.repeat(reps, 1, 1), x0_prev)
+            x0_prev = self_condition_input(pred, x_in, a, s, diffusion_cfg.parametrisation, branch_given)
         if not guided:
             return pred
         cond, uncond = pred.chunk(2)

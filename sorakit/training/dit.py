@@ -45,8 +45,8 @@ from sorakit.diffusion import (
     network_time,
     sample_t,
     shift_factor,
+    self_condition_input,
     target,
-    to_x0_eps,
 )
 from sorakit.training.common import OptimConfig, TrainerConfig, build_trainer, configure_adamw, fit
 
@@ -212,16 +212,16 @@ def diffusion_loss(
     args = (x_t, t_net, batch.pos, batch.seq_ids, *text, token_given)
     x0_prev = None
     if getattr(dit.config, "self_condition", False):
-        # Some videos see the network's own x0 estimate from a first, no-grad pass (as sampling
-        # will), the rest see zeros (as the first sampling step does). Always a tensor, so every
-        # parameter takes part in every step (DDP).
+        # Some videos see the network's own x0 estimate from a first, no-grad pass (as every
+        # sampling step after the first), the rest see zeros everywhere (as the first step does).
+        # Always a tensor, so every parameter takes part in every step (DDP).
         x0_prev = torch.zeros_like(x_t)
         use = batch.per_token(torch.rand(nv) < self_cond_prob)[..., None].to(x0.device)  # (B, N, 1)
         if use.any():
             with torch.no_grad():
                 first = dit(*args, x0_prev=x0_prev).float()
-            x0_prev = torch.where(use, to_x0_eps(first, x_t, alpha, sigma, cfg.parametrisation)[0], x0_prev)
-            x0_prev = torch.where(batch.given, x0, x0_prev)
+            estimate = self_condition_input(first, x_t, alpha, sigma, cfg.parametrisation, (batch.given, x0))
+            x0_prev = torch.where(use, estimate, x0_prev)
     pred = dit(*args, x0_prev=x0_prev)
     err = (pred.float() - target(x0, noise, alpha, sigma, cfg.parametrisation)) ** 2
     err = err * loss_weight(alpha, sigma, cfg)
