@@ -29,6 +29,7 @@ FPS = typer.Option(D.fps, "--fps", help="Frame rate of the output (default: the 
 PREVIEW = typer.Option(False, "--preview", help="Also write OUT.png, a contact sheet of frames.")
 CONTEXT = typer.Option(D.context, "--context", min=1, help="Latent frames of the input given to the model as context.")
 WINDOW = typer.Option(D.window, "--window", min=2, help="Latent frames per sampling call when extending (default: the pipeline's).")
+FEATHER = typer.Option(D.feather, "--feather", min=0, help="Frames over which the decoder's error at a join fades out of the new frames (0: off).")
 CRF = typer.Option(D.crf, "--crf", help="H.264 quality of the output; lower is better.")
 
 
@@ -121,6 +122,7 @@ def extend(
     fps: Optional[float] = FPS,
     context: int = CONTEXT,
     window: Optional[int] = WINDOW,
+    feather: int = FEATHER,
     crf: int = CRF,
 ):
     """Continue a video forward or backward in time, longer than one window by sliding the context."""
@@ -130,7 +132,7 @@ def extend(
     if direction not in DIRECTIONS:
         raise UserError(f"--direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
     cfg = _config(fps=fps, seed=seed, steps=steps, sampler=sampler, guidance=guidance, negative_prompt=negative_prompt,
-                  expand=expand, context=context, window=window, crf=crf)
+                  expand=expand, context=context, window=window, feather=feather, crf=crf)
     _report(*extend_to_file(model, video, out, cfg, direction=direction, num_frames=frames, prompt=prompt, preview=preview))
 
 
@@ -153,13 +155,14 @@ def interpolate(
     fps: Optional[float] = FPS,
     context: int = CONTEXT,
     window: Optional[int] = WINDOW,
+    feather: int = FEATHER,
     crf: int = CRF,
 ):
     """Connect the end of video A to the start of video B with generated frames."""
     from sorakit.generation.outputs import interpolate_to_file
 
     cfg = _config(fps=fps, seed=seed, steps=steps, sampler=sampler, guidance=guidance, negative_prompt=negative_prompt,
-                  expand=expand, context=context, window=window, crf=crf)
+                  expand=expand, context=context, window=window, feather=feather, crf=crf)
     _report(*interpolate_to_file(model, a, b, out, cfg, num_frames=frames, prompt=prompt, preview=preview))
 
 
@@ -208,6 +211,7 @@ def eval_toyworld(
     negative_prompt: str = NEGATIVE,
     context: int = CONTEXT,
     window: Optional[int] = WINDOW,
+    feather: int = FEATHER,
 ):
     """Score toy-world prompt following (per attribute and all four) and extension/interpolation seams."""
     from sorakit.generation.evaluate import eval_model, eval_videos, format_report
@@ -219,7 +223,7 @@ def eval_toyworld(
         report = eval_videos(videos, log=log)
     else:
         cfg = _config(seed=seed, steps=steps, sampler=sampler, guidance=guidance, negative_prompt=negative_prompt,
-                      context=context, window=window)
+                      context=context, window=window, feather=feather)
         ecfg = EvalConfig(num=num, joins=joins, seed=eval_seed, compare=compare)
         report = eval_model(model, ecfg, cfg, train_data=train_data, save_dir=save, log=log)
     if json_out:

@@ -52,6 +52,7 @@ class GenerationConfig:
     strength: float = 0.6  # edit: how far the input is noised before denoising (1 = ignore it)
     context: int = 2  # latent frames of the input given as context (extend, interpolate)
     window: int | None = None  # latent frames per sampling call when extending; None: the pipeline's
+    feather: int = 8  # frames over which the decoder's error at a join fades out of the new frames; 0: off
     crf: int = 18  # H.264 quality of the written video
     refine: bool | None = None  # sample: apply the pipeline's refiners; None: when it holds any
 
@@ -68,6 +69,8 @@ class GenerationConfig:
             raise ConfigError(f"strength must be in (0, 1], got {self.strength}")
         if self.context < 1:
             raise ConfigError(f"context must be at least 1 latent frame, got {self.context}")
+        if self.feather < 0:
+            raise ConfigError(f"feather must be >= 0 frames, got {self.feather}")
         if self.window is not None and self.window < 2:
             raise ConfigError(f"window must be at least 2 latent frames, got {self.window}")
         if self.guidance < 0:
@@ -454,6 +457,34 @@ def _check_even(frames: np.ndarray, name: str) -> None:
         )
 
 
+def feather_weights(n: int, frames: int) -> np.ndarray:
+    """(n,) weights from 1 at a join down to 0 `frames` frames away (all 0 when feathering is off)."""
+    if frames <= 0:
+        return np.zeros(n, np.float32)
+    return np.clip(1.0 - np.arange(n, dtype=np.float32) / frames, 0.0, 1.0)
+
+
+def feather_new_frames(new: np.ndarray, joins: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
+    """`new` frames with the decoder's error at each join carried in and faded out.
+
+    Input frames are kept and new ones are decoded, so a join meets the VAE's reconstruction error
+    all at once; on flat toy-world frames that error is larger than an ordinary frame step, and even
+    the true continuation, decoded, leaves a seam of ~2 (docs/benchmarks.md). Each join is given as
+    (the kept frame beside it, its decoded twin from the same window, per-new-frame weights); the
+    difference of the first two is added to the new frames by weight, so the first new frame
+    continues the kept one and the correction fades as the content moves on. Where two joins' weights
+    overlap (a short interpolation) they are scaled to sum to at most 1.
+    """
+    if not joins or not any(w.any() for _, _, w in joins):
+        return new
+    total = np.maximum(1.0, sum(w for _, _, w in joins))
+    out = new.astype(np.float32)
+    for kept, decoded, w in joins:
+        err = kept.astype(np.float32) - decoded.astype(np.float32)  # (H, W, 3)
+        out += (w / total)[:, None, None, None] * err
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def _extend_frames(pipe, video: np.ndarray, text: str, cfg: GenerationConfig, direction: str, count: int,
                    clock: dict, windows: list[Window], seed0: int) -> np.ndarray:
     """`count` new frames before or after `video`, sliding a window of context over the growing clip."""
@@ -475,6 +506,7 @@ def _extend_frames(pipe, video: np.ndarray, text: str, cfg: GenerationConfig, di
             win = _sample(pipe, text, shape[1:], cfg, seed0 + len(windows), given=_given(shape, [(0, ctx)]), clock=clock)
             decoded = vae.decode_video(win.latent, m + n_lat * tf, *current.shape[1:3])
             new = decoded[m:][:remaining]
+            new = feather_new_frames(new, [(current[-1], decoded[m - 1], feather_weights(len(new), cfg.feather))])
             current = np.concatenate([current, new])
         else:
             k = min(cfg.context, len(current) // tf, window - 1)
@@ -486,8 +518,9 @@ def _extend_frames(pipe, video: np.ndarray, text: str, cfg: GenerationConfig, di
             shape = (vae.latent_channels, n_lat + k, hl, wl)
             win = _sample(pipe, text, shape[1:], cfg, seed0 + len(windows), given=_given(shape, [(n_lat, ctx)]), clock=clock)
             n_new = 1 + (n_lat - 1) * tf
-            decoded = vae.decode_video(win.latent, n_new, *current.shape[1:3])
-            new = decoded[-remaining:]
+            decoded = vae.decode_video(win.latent, n_new + 1, *current.shape[1:3])  # + the twin of current[0]
+            new = decoded[:n_new][-remaining:]
+            new = feather_new_frames(new, [(current[0], decoded[n_new], feather_weights(len(new), cfg.feather)[::-1])])
             current = np.concatenate([new, current])
         windows.append(win)
         new_parts.append(new)
@@ -569,8 +602,12 @@ def interpolate(pipe, a: np.ndarray, b: np.ndarray, cfg: GenerationConfig, *, nu
     win = _sample(pipe, text, shape[1:], cfg, cfg.seed + len(windows),
                   given=_given(shape, [(0, ctx_a), (ka + g_last, ctx_b)]), clock=clock)
     windows.append(win)
-    decoded = vae.decode_video(win.latent, ma + g_last * tf, *a.shape[1:3])
-    middle = np.concatenate([lead, decoded[ma:]])
+    n_mid = g_last * tf
+    decoded = vae.decode_video(win.latent, ma + n_mid + 1, *a.shape[1:3])  # + the twin of b[0]
+    last = decoded[ma : ma + n_mid]
+    w = feather_weights(n_mid, cfg.feather)
+    last = feather_new_frames(last, [(a_ext[-1], decoded[ma - 1], w), (b[0], decoded[ma + n_mid], w[::-1])])
+    middle = np.concatenate([lead, last])
     frames = np.concatenate([a, middle, b])
     out_fps = cfg.fps or fps
     rec = _record("interpolate", prompt, text, expansion, cfg, pipe, size=_size(frames, out_fps), notes=notes,

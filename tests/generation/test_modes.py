@@ -82,6 +82,31 @@ def test_extend_keeps_the_input_and_slides_past_one_window(pipe, clip, direction
     assert np.array_equal(again.frames, g.frames)
 
 
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_feathering_makes_the_join_a_decoded_frame_step(pipe, clip, direction):
+    """The input is kept and the new frames are decoded, so without feathering the join also carries
+    the VAE's error; with it, the new frame beside the join differs from the kept one by exactly the
+    decoder's own step there, and frames past `feather` are untouched."""
+    n = 4 if direction == "forward" else 3  # one window of 2 context + 2 new latent frames
+    off = modes.extend(pipe, clip, CFG.replace(context=2, feather=0), direction=direction, num_frames=n)
+    on = modes.extend(pipe, clip, CFG.replace(context=2, feather=2), direction=direction, num_frames=n)
+    assert len(on.windows) == 1 and torch.equal(on.windows[0].latent, off.windows[0].latent)  # same sample
+    decoded = pipe.vae.decode_video(on.windows[0].latent, 7, *clip.shape[1:3]).astype(np.int16)
+    step = decoded[3] - decoded[2]  # forward: last context frame → first new; backward: last new → first context
+    if direction == "forward":
+        kept, new_on, new_off, far = on.frames[:9], on.frames[9:], off.frames[9:], slice(2, None)
+        join, beside = new_on[0].astype(np.int16) - clip[-1], new_on[0]
+    else:
+        kept, new_on, new_off, far = on.frames[n:], on.frames[:n], off.frames[:n], slice(None, -2)
+        join, beside = clip[0].astype(np.int16) - new_on[-1], new_on[-1]
+    assert np.array_equal(kept, clip)
+    free = (beside > 0) & (beside < 255)  # a random tiny decoder saturates some pixels
+    assert free.mean() > 0.5 and np.abs(join - step)[free].max() <= 1  # 1: rounding to uint8
+    assert not np.array_equal(new_on, new_off)
+    assert np.array_equal(new_on[far], new_off[far])
+    assert on.record["settings"]["feather"] == 2
+
+
 def test_interpolate_connects_two_videos(pipe, clip):
     b = clip[::-1].copy()
     g = modes.interpolate(pipe, clip, b, CFG.replace(context=1, window=WINDOW), num_frames=3)
@@ -112,7 +137,7 @@ def test_edit_is_sdedit_from_the_input(pipe, clip):
 def test_bad_settings_are_config_errors():
     from sorakit.config import ConfigError
 
-    for bad in ({"strength": 0.0}, {"steps": 0}, {"width": 0}, {"context": 0}, {"window": 1}):
+    for bad in ({"strength": 0.0}, {"steps": 0}, {"width": 0}, {"context": 0}, {"window": 1}, {"feather": -1}):
         with pytest.raises(ConfigError):
             CFG.replace(**bad)
 
