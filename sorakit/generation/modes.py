@@ -475,7 +475,7 @@ def feather_new_frames(new: np.ndarray, joins: list[tuple[np.ndarray, np.ndarray
     continues the kept one and the correction fades as the content moves on. Where two joins' weights
     overlap (a short interpolation) they are scaled to sum to at most 1.
     """
-    if not joins or not any(w.any() for _, _, w in joins):
+    if not any(w.any() for _, _, w in joins):  # feathering off (or no joins): the frames as decoded
         return new
     total = np.maximum(1.0, sum(w for _, _, w in joins))
     out = new.astype(np.float32)
