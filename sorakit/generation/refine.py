@@ -115,7 +115,7 @@ def refine_latents(
     device = next(model.parameters()).device
     a_aug, s_aug = alpha_sigma(torch.tensor(aug), dcfg)
 
-    noise, conds, shapes = [], [], []
+    noise, conds, shapes, bases = [], [], [], []
     for i, (z, s) in enumerate(zip(latents, _seeds(seed, n))):
         if z.dim() != 4 or z.shape[0] != cfg.in_channels:
             raise ValueError(
@@ -126,6 +126,7 @@ def refine_latents(
         full = refined_shape(tuple(z.shape), model.scales)
         noise.append(torch.randn(full, generator=g))
         low = z.detach().float().cpu()
+        bases.append(upsample_latent(low, model.scales) if cfg.residual else None)
         if aug > 0:
             low = a_aug * low + s_aug * torch.randn(low.shape, generator=g)
         conds.append(upsample_latent(low, model.scales))
@@ -151,7 +152,7 @@ def refine_latents(
         out = run(denoise, x, grid, dcfg, callback=callback)
     finally:
         model.train(was_training)
-    return [z.float().cpu() for z in batch.unpack(out)]
+    return [z.float().cpu() if b is None else z.float().cpu() + b for z, b in zip(batch.unpack(out), bases)]
 
 
 def refine_chain(refiners: Sequence, latents: Sequence[torch.Tensor], **kwargs) -> list[torch.Tensor]:

@@ -6,7 +6,8 @@
 
 A refiner generates the latent of a video `s×` larger in space (`spatial_scale`) and/or `r×` denser in
 time (`temporal_scale`) than a given low-resolution / low-frame-rate latent, in the latent space of
-the same VAE (so one VAE decodes base and refined videos, and refiners chain). In latent units a
+one VAE (so it decodes the low-res and refined videos alike, and refiners chain); with the weightless
+`pixels` VAE that latent is the video itself (pixel space, as Imagen Video). In latent units a
 low-res latent (C, T', H', W') becomes (C, 1 + (T' − 1)·r, s·H', s·W'): the decoded video of
 1 + (T − 1)·r frames of s·H × s·W pixels, for a causal VAE whose first latent frame is frame 0.
 
@@ -78,6 +79,10 @@ class RefinerConfig:
     attn_window: tuple[int, int, int] | None = None
     grad_checkpointing: bool = False
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    # Residual refinement: the diffusion runs over z_hi − upsample_latent(z_lo) and the clean upsampled
+    # input is added back, so "change nothing" is the zero output instead of a copy the network must
+    # reproduce through its patch embedding, and the whole model goes into the detail the input lacks.
+    residual: bool = False
     # Sampling defaults: the conditioning's noise-augmentation level (0 trusts the low-res video
     # exactly; a little hides a base model's artefacts) and the number of sampler steps.
     aug_level: float = 0.1

@@ -23,6 +23,10 @@ sees are roughly zero-mean, unit-variance and no code downstream carries a magic
 
 The `spatial` kind is the per-frame 2D VAE ("spatial-patch compression") used as a baseline: same
 network with temporal kernels of size 1 and no temporal compression.
+
+The `pixels` kind (preset `pixels`) has no weights: its "latent" is the video itself, RGB in
+[-1, 1] (and the latent statistics, if any are stored, apply as for any VAE). A refiner over it works in pixel space, as the
+super-resolution stages of Imagen Video do, with the same code and directory format as any other.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ INITIAL_LOGVAR = -6.0
 class VAEConfig:
     """Architecture and inference settings; the defaults are the `base` preset (4×8×8, 16 channels)."""
 
-    kind: Literal["spacetime", "spatial"] = "spacetime"
+    kind: Literal["spacetime", "spatial", "pixels"] = "spacetime"
     in_channels: int = 3
     latent_channels: int = 16
     base_channels: int = 128
@@ -68,6 +72,11 @@ class VAEConfig:
     tile_overlap: int = 64  # pixels shared by neighbouring tiles and blended
 
     def validate(self) -> None:
+        if self.kind == "pixels":
+            if (self.spatial_factor, self.temporal_factor, self.patch_size) != (1, 1, 1) or self.latent_channels != self.in_channels:
+                raise ConfigError("a pixels VAE has spatial_factor, temporal_factor and patch_size 1 and latent_channels = in_channels")
+            self._validate_common()
+            return
         f, t = self.spatial_factor, self.temporal_factor
         if f < 1 or f & (f - 1):
             raise ConfigError(f"spatial_factor must be a power of two, got {f}")
@@ -93,6 +102,10 @@ class VAEConfig:
             raise ConfigError(f"per_frame_levels must be between 0 and {len(self.channel_mult)}")
         if self.kind == "spatial" and t != 1:
             raise ConfigError("a spatial (per-frame) VAE has temporal_factor 1")
+        self._validate_common()
+
+    def _validate_common(self) -> None:
+        f = self.spatial_factor
         if self.latent_mean and len(self.latent_mean) != self.latent_channels:
             raise ConfigError(f"latent_mean has {len(self.latent_mean)} values for {self.latent_channels} channels")
         if len(self.latent_std) != len(self.latent_mean) or any(s <= 0 for s in self.latent_std):
@@ -121,6 +134,9 @@ VAE_PRESETS: dict[str, dict[str, Any]] = {
     "toy-spatial": dict(kind="spatial", latent_channels=2, base_channels=64, channel_mult=(1,), patch_size=4,
                         num_res_blocks=0, spatial_factor=4, temporal_factor=1, chunk_frames=16,
                         tile_size=256, tile_overlap=32),
+    # No compression: the identity "autoencoder" of pixel-space stages (a pixel-space refiner).
+    "pixels": dict(kind="pixels", latent_channels=3, spatial_factor=1, temporal_factor=1, patch_size=1,
+                   channel_mult=(1,), chunk_frames=16, tile_size=4096, tile_overlap=0),
     # GPUs: the 4×8×8, 16-channel shape of the open video VAEs.
     "base": dict(),
     # Per-frame baseline with base's latent size (4 channels per frame = 16 per 4 frames).
@@ -161,6 +177,9 @@ class VAE(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         self.config = config
+        if config.kind == "pixels":
+            self.encoder, self.decoder = PixelEncoder(), PixelDecoder()
+            return
         levels = plan_levels(
             config.base_channels,
             tuple(config.channel_mult),
@@ -216,11 +235,11 @@ class VAE(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return next(self.encoder.state_tensors()).device if self.config.kind == "pixels" else next(self.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        return next(self.encoder.state_tensors()).dtype if self.config.kind == "pixels" else next(self.parameters()).dtype
 
     # ----- batched forms (training) -----
     def _check_batch(self, x: torch.Tensor) -> None:
@@ -406,3 +425,22 @@ class VAE(nn.Module):
         """Encode and decode at the input's own size and length."""
         num_frames, height, width = tuple(frames.shape[:3])
         return self.decode_video(self.encode_video(frames), num_frames, height, width)
+
+
+class PixelEncoder(nn.Module):
+    """The `pixels` kind's encoder: the frames are the posterior mean, with (almost) no variance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("anchor", torch.zeros(()), persistent=False)  # where and in what dtype it runs
+
+    def state_tensors(self) -> Iterator[torch.Tensor]:
+        yield self.anchor
+
+    def forward(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
+        return torch.cat([x, torch.full_like(x, -30.0)], dim=1)  # (B, 2·3, T, H, W) moments
+
+
+class PixelDecoder(nn.Module):
+    def forward(self, z: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
+        return z

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -44,6 +44,7 @@ from sorakit.models.refiner import Refiner, RefinerConfig, Scales, refined_shape
 from sorakit.training.common import OptimConfig, TrainerConfig, build_trainer, configure_adamw, fit
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (high-res latent, low-res latent)
+PIXELS = "pixels"  # `vae: pixels`: refine in pixel space (the identity VAE, `sorakit.models.vae` kind "pixels")
 
 
 @dataclass
@@ -52,6 +53,10 @@ class RefinerDataConfig:
     crop: int = 96  # high-res windows are at most this many pixels a side (random crop; never resized)
     frames: int = 9  # high-res windows have at most this many frames (rounded down to 1 + k·r·t)
     fps: float | None = None  # resample clips to this rate first (None: the clip's own)
+    # A window takes every k-th frame, k drawn from 1 .. max_stride (as far as the clip is long enough):
+    # a frame-rate refiner must see the motion per frame of the low-fps videos it will fill in, which
+    # is several times a native clip's (a base model's frames, a clip subsampled to a few frames).
+    max_stride: int = 1
     batch_size: int = 8  # windows per step, packed into rows of `max_tokens`
     max_tokens: int = 4096  # row capacity in target tokens; one window must fit
     preload: bool = False  # encode the latent pairs once, up front, instead of streaming
@@ -66,7 +71,7 @@ class TrainRefinerConfig:
     preset: str = "toy"  # model size: tiny, toy, base (sorakit.models.refiner.REFINER_PRESETS)
     # Overrides of the preset: spatial_scale, temporal_scale, dim, ..., diffusion {...}, aug_level, steps.
     model: dict[str, Any] = field(default_factory=dict)
-    vae: str = ""  # the trained VAE directory (frozen; the refiner works in its latent space)
+    vae: str = ""  # the trained VAE directory (frozen; the refiner works in its latent space), or "pixels"
     out: str = "runs/refiner"
     aug_max: float = 0.5  # conditioning noise-augmentation levels are drawn from U(0, aug_max)
     video_weighting: str = "video"  # how videos of different sizes count in the loss: video, sqrt, token
@@ -80,8 +85,9 @@ class TrainRefinerConfig:
             raise ConfigError(f"aug_max must be in [0, 1), got {self.aug_max}")
         if self.video_weighting not in VIDEO_WEIGHTINGS:
             raise ConfigError(f"unknown video_weighting {self.video_weighting!r} (known: {', '.join(VIDEO_WEIGHTINGS)})")
-        if self.data.batch_size < 1 or self.data.windows_per_clip < 1 or self.data.crop < 1 or self.data.frames < 1:
-            raise ConfigError("data.batch_size, data.windows_per_clip, data.crop and data.frames must be positive")
+        d = self.data
+        if min(d.batch_size, d.windows_per_clip, d.crop, d.frames, d.max_stride) < 1:
+            raise ConfigError("data.batch_size, data.windows_per_clip, data.crop, data.frames and data.max_stride must be positive")
         self.model_config()  # unknown or invalid model overrides fail here, not after the VAE has loaded
 
     def model_config(self, in_channels: int | None = None) -> RefinerConfig:
@@ -108,18 +114,24 @@ def window_units(scales: Scales, vae) -> tuple[int, int]:
 
 
 def training_window(frames: np.ndarray, scales: Scales, vae, crop: int, max_frames: int,
-                    rng: random.Random) -> np.ndarray | None:
+                    rng: random.Random, max_stride: int = 1) -> np.ndarray | None:
     """A random window of `frames` (T, H, W, 3) whose latents line up at both resolutions, or None
-    when the clip is too small (smaller than one s·f block, or too short to show r× motion)."""
+    when the clip is too small (smaller than one s·f block, or too short to show r× motion). The
+    window takes every k-th frame, k uniform over the strides up to `max_stride` the clip allows."""
     unit, tunit = window_units(scales, vae)
     t, h, w = frames.shape[:3]
     ch, cw = min(h, crop) // unit * unit, min(w, crop) // unit * unit
-    k = (min(t, max_frames) - 1) // tunit
-    if ch == 0 or cw == 0 or (scales[1] > 1 and k < 1):
+
+    def units(stride: int) -> int:  # whole temporal units a window of this stride holds
+        return (min(1 + (t - 1) // stride, max_frames) - 1) // tunit
+
+    fits = [k for k in range(1, max_stride + 1) if units(k) >= 1 or (k == 1 and scales[1] == 1)]
+    if ch == 0 or cw == 0 or not fits:
         return None
-    n = 1 + k * tunit
-    t0, y, x = rng.randint(0, t - n), rng.randint(0, h - ch), rng.randint(0, w - cw)
-    return np.ascontiguousarray(frames[t0 : t0 + n, y : y + ch, x : x + cw])
+    stride = rng.choice(fits)
+    span = units(stride) * tunit * stride + 1  # frames of the clip the window covers
+    t0, y, x = rng.randint(0, t - span), rng.randint(0, h - ch), rng.randint(0, w - cw)
+    return np.ascontiguousarray(frames[t0 : t0 + span : stride, y : y + ch, x : x + cw])
 
 
 def encode_pair(vae, window: np.ndarray | torch.Tensor, scales: Scales) -> Pair:
@@ -145,7 +157,8 @@ def refiner_loss(
 
     Each video draws a time t and a conditioning augmentation level a ∈ U(0, aug_max): the low-res
     latent is noised to level a on the diffusion path, upsampled to the target grid and given beside
-    the target noised to t; the network predicts in the configured parametrisation.
+    the target noised to t; the network predicts in the configured parametrisation. For a residual
+    refiner the target is the high-res latent minus the clean upsampled low-res one.
     """
     cfg = model.config.diffusion
     device = model.x_embed.weight.device
@@ -154,9 +167,11 @@ def refiner_loss(
     a_aug, s_aug = alpha_sigma(aug, cfg)
     targets, conds = [], []
     for i, (z_hi, z_lo) in enumerate(pairs):
+        z_lo = z_lo.to(device).float()
         eps = torch.randn(z_lo.shape, generator=generator).to(device)
-        conds.append(upsample_latent(a_aug[i] * z_lo.to(device).float() + s_aug[i] * eps, model.scales))
-        targets.append(z_hi.to(device).float())
+        conds.append(upsample_latent(a_aug[i] * z_lo + s_aug[i] * eps, model.scales))
+        base = upsample_latent(z_lo, model.scales) if model.config.residual else 0.0
+        targets.append(z_hi.to(device).float() - base)
     batch = pack(targets, model.patch, max_tokens)
     cond = pack(conds, model.patch, max_tokens).x  # same shapes → same layout
     t = sample_t(n, cfg, generator)
@@ -211,7 +226,7 @@ def preload_pairs(cfg: TrainRefinerConfig, vae, scales: Scales, seed: int) -> li
                 break
             clips += 1
             for _ in range(d.windows_per_clip):
-                w = training_window(sample["frames"], scales, vae, d.crop, d.frames, rng)
+                w = training_window(sample["frames"], scales, vae, d.crop, d.frames, rng, d.max_stride)
                 if w is None:
                     too_small += 1
                     break
@@ -235,14 +250,15 @@ class _Geometry:
 class _Windows:
     """Pipeline stage: decoded clips → random aligned windows (uint8 tensors); picklable for workers."""
 
-    def __init__(self, scales: Scales, geometry: _Geometry, crop: int, frames: int, seed: int):
+    def __init__(self, scales: Scales, geometry: _Geometry, crop: int, frames: int, seed: int, max_stride: int = 1):
         self.scales, self.geometry, self.crop, self.frames, self.seed = scales, geometry, crop, frames, seed
+        self.max_stride = max_stride
 
     def __call__(self, src: Iterator[dict]) -> Iterator[torch.Tensor]:
         worker = torch.utils.data.get_worker_info()
         rng = random.Random(f"{self.seed}:{_rank_world()[0]}:{worker.id if worker else 0}")
         for s in src:
-            w = training_window(s["frames"], self.scales, self.geometry, self.crop, self.frames, rng)
+            w = training_window(s["frames"], self.scales, self.geometry, self.crop, self.frames, rng, self.max_stride)
             if w is not None:
                 yield torch.from_numpy(w)
 
@@ -281,10 +297,11 @@ class RefinerData(L.LightningDataModule):
             return
         from sorakit.data.reader import clip_pipeline
 
-        pipe = clip_pipeline(d.shards, num_frames=d.frames, fps=d.fps, min_frames=_min_frames(self.scales, self.vae),
+        span = 1 + (d.frames - 1) * d.max_stride  # decoded frames a window of the largest stride needs
+        pipe = clip_pipeline(d.shards, num_frames=span, fps=d.fps, min_frames=_min_frames(self.scales, self.vae),
                              shuffle=d.shuffle, resampled=True, seed=seed)
         geometry = _Geometry(self.vae.spatial_factor, self.vae.temporal_factor)
-        pipe.append(_Windows(self.scales, geometry, d.crop, d.frames, seed))
+        pipe.append(_Windows(self.scales, geometry, d.crop, d.frames, seed, d.max_stride))
         self.dataset = pipe
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
@@ -346,14 +363,20 @@ def train_refiner(cfg: TrainRefinerConfig, resume: bool = False) -> Path:
     if not cfg.data.shards:
         raise ValueError("data.shards is not set: give the raw training shards (--set data.shards=DIR)")
     if not cfg.vae:
-        raise ValueError("vae is not set: give the trained VAE directory (--set vae=DIR)")
+        raise ValueError("vae is not set: give the trained VAE directory (--set vae=DIR), or --set vae=pixels")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    vae = load_pretrained(cfg.vae, kind="vae")
-    model_config = cfg.model_config(in_channels=vae.latent_channels)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.vae == PIXELS:  # pixel space: the weightless identity VAE, kept in the refiner's directory
+        from sorakit.models.vae import VAE, vae_config
+
+        if not (out / "vae" / "config.json").is_file():
+            save_pretrained(VAE(vae_config("pixels")), out / "vae")
+        cfg = replace(cfg, vae=str(out / "vae"))
+    vae = load_pretrained(cfg.vae, kind="vae")
+    model_config = cfg.model_config(in_channels=vae.latent_channels)
     save_config(cfg, out / "train_config.yaml")
     module = RefinerModule(cfg, model_config, vae)
     scales = module.model.scales

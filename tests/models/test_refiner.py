@@ -112,6 +112,16 @@ def test_sampling_is_reproducible_and_independent_of_batch_companions():
     assert (refine_latents(model, [a], steps=3, seed=[8])[0] - alone).abs().max() > 1e-4
 
 
+def test_a_residual_refiner_adds_its_output_to_the_upsampled_input():
+    z = torch.randn(4, 3, 3, 4)
+    x_pred = {"parametrisation": "x"}
+    fresh = build_refiner("tiny", spatial_scale=2, temporal_scale=2, residual=True, diffusion=x_pred).eval()
+    # A fresh network predicts zeros (adaLN-Zero): the residual refiner then returns its input upsampled.
+    torch.testing.assert_close(refine_latents(fresh, [z], steps=2, aug_level=0.0)[0], upsample_latent(z, (2, 2)))
+    plain = build_refiner("tiny", spatial_scale=2, temporal_scale=2, diffusion=x_pred).eval()
+    assert refine_latents(plain, [z], steps=2, aug_level=0.0)[0].abs().max() < 1e-6  # the same net, not residual
+
+
 def test_a_chain_multiplies_the_scales():
     temporal, spatial = _tiny((1, 2)), _tiny((2, 1))
     [z] = refine_chain([temporal, spatial], [torch.randn(4, 3, 2, 3)], steps=1)

@@ -157,6 +157,18 @@ def test_save_load_round_trip(tmp_path):
     assert (loaded.temporal_factor, loaded.spatial_factor, loaded.latent_channels) == (2, 4, 4)
 
 
+def test_pixels_kind_is_the_identity_at_any_size(tmp_path):
+    vae = VAE(vae_config("pixels"))
+    frames = video(6, 13, 22)
+    z = vae.encode_video(frames)
+    assert tuple(z.shape) == vae.latent_shape(6, 13, 22) == (3, 6, 13, 22) and float(z.abs().max()) <= 1.0
+    assert np.array_equal(vae.decode_video(z, 6, 13, 22), frames)  # exact: uint8 → [-1, 1] → uint8
+    save_pretrained(vae, tmp_path / "pixels")  # no weights, a config only
+    assert np.array_equal(load_pretrained(tmp_path / "pixels", kind="vae").reconstruct(frames), frames)
+    with pytest.raises(ConfigError, match="pixels VAE"):
+        vae_config("pixels", spatial_factor=2)
+
+
 def test_bad_configs_and_inputs_are_clear_errors():
     with pytest.raises(ConfigError, match="channel_mult"):
         vae_config("tiny", spatial_factor=8)

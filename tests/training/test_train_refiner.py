@@ -12,7 +12,7 @@ import torch
 
 from sorakit.cli import main
 from sorakit.config import ConfigError, load_config
-from sorakit.generation.refine import refine_decoded
+from sorakit.generation.refine import refine_decoded, refine_video
 from sorakit.models.io import read_model_config, save_pretrained
 from sorakit.models.refiner import build_refiner, refined_shape
 from sorakit.models.vae import VAE, vae_config
@@ -21,7 +21,8 @@ from sorakit.training.refiner import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = [ROOT / "recipes" / "toy" / "refiner.yaml", ROOT / "recipes" / "base" / "refiner.yaml"]
+RECIPES = [ROOT / "recipes" / "toy" / "refiner.yaml", ROOT / "recipes" / "base" / "refiner.yaml",
+           ROOT / "recipes" / "toy" / "refiner_pixels.yaml"]
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,24 @@ def test_training_windows_give_latents_that_line_up():
     assert training_window(frames[:, :7], (2, 1), vae, 40, 9, rng) is None
     assert training_window(frames[:4], (1, 2), vae, 40, 9, rng) is None
 
+
+def test_strided_windows_show_the_motion_of_low_frame_rates():
+    vae = VAE(vae_config("tiny")).eval()  # temporal factor 2: a (1, 2) window holds 1 + 4k frames
+    index = np.arange(40, dtype=np.uint8)[:, None, None, None]
+    frames = np.broadcast_to(index, (40, 16, 16, 3)).copy()  # every pixel holds its frame's index
+    rng = random.Random(0)
+    strides = set()
+    for _ in range(40):
+        w = training_window(frames, (1, 2), vae, crop=16, max_frames=9, rng=rng, max_stride=4)
+        steps = np.diff(w[:, 0, 0, 0].astype(int))
+        assert len(w) == 9 and len(set(steps)) == 1  # whole units, evenly spaced frames of the clip
+        strides.add(int(steps[0]))
+    assert strides == {1, 2, 3, 4}
+    # A clip too short for a stride gets only the strides it can hold.
+    short = frames[:13]
+    got = {int(np.diff(training_window(short, (1, 2), vae, 16, 9, rng, max_stride=4)[:2, 0, 0, 0].astype(int))[0])
+           for _ in range(30)}
+    assert got == {1, 2, 3}
 
 def test_a_few_training_steps_lower_the_loss():
     torch.manual_seed(0)
@@ -131,7 +150,20 @@ def test_train_refine_and_eval_commands(toy_shards, tiny_vae, tmp_path, capsys):
     assert main(["refine", str(tmp_path / "missing.mp4"), "--model", str(out), "--out", str(tmp_path / "x.mp4")]) == 1
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.parent.name)
+def test_pixel_space_refiner_trains_and_refines(toy_shards, tmp_path):
+    out = tmp_path / "pixel_refiner"
+    assert main(["train", "refiner", "--config", str(RECIPES[2]), "--set", "preset=tiny",
+                 "--set", f"data.shards={toy_shards}", "--set", "data.preload=true", "--set", "data.limit=2",
+                 "--set", "data.crop=16", "--set", "data.frames=5",
+                 "--set", "trainer.max_minutes=null", "--set", "trainer.max_steps=2", "--out", str(out)]) == 0
+    meta = read_model_config(out)
+    assert meta["vae"] == "vae" and read_model_config(out / "vae")["config"]["kind"] == "pixels"
+    assert meta["config"]["in_channels"] == 3
+    low = np.random.default_rng(0).integers(0, 256, (3, 10, 14, 3), dtype=np.uint8)
+    assert refine_video(out, out / "vae", low, steps=1).shape == (5, 20, 28, 3)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_recipe_validates_and_names_its_command(recipe):
     first = recipe.read_text().splitlines()[0]
     assert first.startswith("# sorakit train refiner --config recipes/") and recipe.name in first
