@@ -114,6 +114,8 @@ def evaluate(
 
     print(f"{len(r['clips'])} clips  PSNR refined {p['refined']:.2f} dB  baseline (bicubic/linear) {p['baseline']:.2f} dB  "
           f"gain {r['gain_db']:+.2f} dB  VAE ceiling {p['vae_ceiling']:.2f} dB  {r['seconds_per_clip']:.1f} s/clip")
+    for part, q in (r["psnr_by_frames"] or {}).items():
+        print(f"  {part} frames: refined {q['refined']:.2f} dB  baseline {q['baseline']:.2f} dB  VAE ceiling {q['vae']:.2f} dB")
     print(f"prompt following (all four): base {acc(pf['base'])}  refined {acc(pf['refined'])}")
     if "generated" in r:
         g = r["generated"]

@@ -10,7 +10,8 @@ low-fps version, which is refined back and, as the baseline, upsampled bicubical
 linearly in time. Reported per clip and as means: PSNR of the refined and of the baseline video
 against the ground truth (refined with and without `match_low_frequencies`), their difference (the
 quality bar: ≥ 2 dB), and the VAE's own
-reconstruction PSNR of the ground truth (the ceiling for any refiner working in its latent space).
+reconstruction PSNR of the ground truth (the ceiling for any refiner working in its latent space);
+for a frame-rate refiner also the same on the input's frames and on the new in-between frames apart.
 
 Prompt following: where a clip's caption is a toy-world caption, the refined video and its base
 (the low-res clip) are scored by the toy-world rules (`toyscore`); a refiner must not score worse.
@@ -105,16 +106,23 @@ def evaluate_refiner(
         refined = match_low_frequencies(raw, low, scales)
         seconds = time.perf_counter() - start
         ceiling = vae_model.decode_video(vae_model.encode_video(gt), *gt.shape[:3])
+        baseline = upsample_video(low, scales)
         row = {
             "key": sample["key"],
             "size": list(gt.shape[:3]),
             "low_size": list(low.shape[:3]),
             "psnr_refined": psnr(refined, gt),
             "psnr_refined_raw": psnr(raw, gt),
-            "psnr_baseline": psnr(upsample_video(low, scales), gt),
+            "psnr_baseline": psnr(baseline, gt),
             "psnr_vae": psnr(ceiling, gt),
             "seconds": seconds,
         }
+        if scales[1] > 1:  # the input's own frames (j·r) and the new in-between ones, apart
+            new = np.arange(len(gt)) % scales[1] > 0
+            for part, frames in (("kept", ~new), ("new", new)):
+                row[f"psnr_refined_{part}"] = psnr(refined[frames], gt[frames])
+                row[f"psnr_baseline_{part}"] = psnr(baseline[frames], gt[frames])
+                row[f"psnr_vae_{part}"] = psnr(ceiling[frames], gt[frames])
         b, r = _followed(low, sample["caption"]), _followed(refined, sample["caption"])
         if b is not None and r is not None:
             base_scores.append(b)
@@ -140,6 +148,11 @@ def evaluate_refiner(
         "psnr": {"refined": refined_mean, "refined_raw": _mean([c["psnr_refined_raw"] for c in clips]),
                  "baseline": baseline_mean, "vae_ceiling": _mean([c["psnr_vae"] for c in clips])},
         "gain_db": refined_mean - baseline_mean,
+        # Frame-rate refiners: the same means on the input's frames and on the in-between ones.
+        "psnr_by_frames": {
+            part: {k: _mean([c[f"psnr_{k}_{part}"] for c in clips]) for k in ("refined", "baseline", "vae")}
+            for part in ("kept", "new")
+        } if scales[1] > 1 else None,
         "seconds_per_clip": _mean([c["seconds"] for c in clips]),
         "prompt_following": {
             "base": toyscore.summarize(base_scores),

@@ -145,6 +145,11 @@ def test_train_refine_and_eval_commands(toy_shards, tiny_vae, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert len(report["clips"]) == 2 and report["scales"] == {"spatial": 2, "temporal": 2}
     assert report["gain_db"] == pytest.approx(report["psnr"]["refined"] - report["psnr"]["baseline"])
+    assert set(report["psnr_by_frames"]) == {"kept", "new"}  # a 2× frame-rate refiner: input and in-between frames
+    for c in report["clips"]:  # a clip's PSNR lies between those of its two sets of frames
+        for k in ("refined", "baseline"):
+            parts = (c[f"psnr_{k}_kept"], c[f"psnr_{k}_new"])
+            assert min(parts) - 1e-9 <= c[f"psnr_{k}"] <= max(parts) + 1e-9
     assert report["prompt_following"]["base"]["n"] == 2  # toy captions are scored before and after
     assert report["generated"]["base"]["n"] == report["generated"]["refined"]["n"] == 1
     assert main(["refine", str(tmp_path / "missing.mp4"), "--model", str(out), "--out", str(tmp_path / "x.mp4")]) == 1
