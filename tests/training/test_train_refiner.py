@@ -67,6 +67,7 @@ def test_strided_windows_show_the_motion_of_low_frame_rates():
            for _ in range(30)}
     assert got == {1, 2, 3}
 
+
 def test_a_few_training_steps_lower_the_loss():
     torch.manual_seed(0)
     model = build_refiner("tiny", spatial_scale=2, temporal_scale=2, attn_backend="dense")
