@@ -126,10 +126,11 @@ def refine_latents(
         full = refined_shape(tuple(z.shape), model.scales)
         noise.append(torch.randn(full, generator=g))
         low = z.detach().float().cpu()
-        bases.append(upsample_latent(low, model.scales) if cfg.residual else None)
+        up = upsample_latent(low, model.scales)
+        bases.append(up if cfg.residual else None)
         if aug > 0:
-            low = a_aug * low + s_aug * torch.randn(low.shape, generator=g)
-        conds.append(upsample_latent(low, model.scales))
+            up = upsample_latent(a_aug * low + s_aug * torch.randn(low.shape, generator=g), model.scales)
+        conds.append(up)
         shapes.append(full)
 
     patch = model.patch

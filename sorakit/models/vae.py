@@ -25,12 +25,13 @@ The `spatial` kind is the per-frame 2D VAE ("spatial-patch compression") used as
 network with temporal kernels of size 1 and no temporal compression.
 
 The `pixels` kind (preset `pixels`) has no weights: its "latent" is the video itself, RGB in
-[-1, 1] (and the latent statistics, if any are stored, apply as for any VAE). A refiner over it works in pixel space, as the
-super-resolution stages of Imagen Video do, with the same code and directory format as any other.
+[-1, 1] (latent statistics, if stored, apply as for any VAE). A refiner over it works in pixel
+space, as the super-resolution stages of Imagen Video do, with the same code and directory format.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Literal, Union
@@ -233,13 +234,16 @@ class VAE(nn.Module):
             raise ValueError(f"need at least 1 latent frame, got {latent_frames}")
         return 1 + (latent_frames - 1) * self.temporal_factor
 
+    def _any_tensor(self) -> torch.Tensor:  # where and in what dtype it runs (the `pixels` kind has only a buffer)
+        return next(itertools.chain(self.parameters(), self.buffers()))
+
     @property
     def device(self) -> torch.device:
-        return next(self.encoder.state_tensors()).device if self.config.kind == "pixels" else next(self.parameters()).device
+        return self._any_tensor().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.encoder.state_tensors()).dtype if self.config.kind == "pixels" else next(self.parameters()).dtype
+        return self._any_tensor().dtype
 
     # ----- batched forms (training) -----
     def _check_batch(self, x: torch.Tensor) -> None:
@@ -432,10 +436,7 @@ class PixelEncoder(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.register_buffer("anchor", torch.zeros(()), persistent=False)  # where and in what dtype it runs
-
-    def state_tensors(self) -> Iterator[torch.Tensor]:
-        yield self.anchor
+        self.register_buffer("anchor", torch.zeros(()), persistent=False)  # follows .to(): the VAE's device and dtype
 
     def forward(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
         return torch.cat([x, torch.full_like(x, -30.0)], dim=1)  # (B, 2·3, T, H, W) moments
