@@ -105,8 +105,12 @@ def _job_from_json(obj, where: str, base: Path) -> Job:
 
 
 def job_key(job: Job, cfg: GenerationConfig, model: str) -> str:
-    """The identity of a job: prompt + every setting + the model directory (+ the image's bytes)."""
-    settings = {**dataclasses.asdict(cfg), **{k: v for k, v in job.overrides.items() if k != "image"}}
+    """The identity of a job: prompt + every setting + the model directory (+ the image's bytes).
+    Settings at their default are left out, so a new setting in a later release (at its default)
+    does not redo the batches already done."""
+    default = dataclasses.asdict(type(cfg)())
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if v != default[k]}
+    settings.update({k: v for k, v in job.overrides.items() if k != "image"})
     payload = {"prompt": job.prompt, "settings": settings, "model": model}
     image = job.image()
     if image is not None and image.is_file():

@@ -3,6 +3,7 @@ recorded while the rest is done, and a run killed mid-batch leaves nothing dupli
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -71,6 +72,18 @@ def test_a_rerun_only_does_what_is_missing(tmp_path):
 
     other_seed = batch.run_batch(prompts, out, CFG.replace(seed=1), _counting_generator(calls), model="/m")
     assert other_seed.ok == 2 and len(list(out.glob("*.mp4"))) == 4  # new settings, new jobs
+
+
+def test_a_new_setting_at_its_default_keeps_the_done_jobs_done():
+    """An upgrade that adds a generation setting must not redo a nightly batch that is already done."""
+
+    @dataclasses.dataclass
+    class Upgraded(GenerationConfig):
+        new_knob: bool = False
+
+    job = batch.Job("a red circle", "p.txt:1")
+    assert batch.job_key(job, Upgraded(steps=2), "/m") == batch.job_key(job, CFG, "/m")
+    assert batch.job_key(job, Upgraded(steps=2, new_knob=True), "/m") != batch.job_key(job, CFG, "/m")
 
 
 def test_failures_are_recorded_and_the_rest_is_done(tmp_path, tiny):
