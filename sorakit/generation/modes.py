@@ -55,6 +55,10 @@ class GenerationConfig:
     feather: int = 8  # frames over which the decoder's error at a join fades out of the new frames; 0: off
     crf: int = 18  # H.264 quality of the written video
     refine: bool | None = None  # sample: apply the pipeline's refiners; None: when it holds any
+    # Text-to-video in two passes (Emu Video's factorisation, Girdhar et al. 2023): sample the video,
+    # keep its first latent frame, and sample the rest again as image-to-video from it. The second
+    # pass places the motion relative to an object that is already there.
+    two_pass: bool = False
 
     def validate(self) -> None:
         for name in ("width", "height", "frames"):
@@ -370,6 +374,11 @@ def text_to_video(pipe, prompt: str, cfg: GenerationConfig) -> Generated:
     text, expansion = expand_for(pipe, prompt, cfg)
     clock: dict = {}
     win = _sample(pipe, text, plan.latent, cfg, cfg.seed, clock=clock)
+    if cfg.two_pass and plan.latent[0] > 1:
+        shape = (pipe.vae.latent_channels, *plan.latent)
+        # Fresh noise: the first pass's noise already set a layout, motion included.
+        win = _sample(pipe, text, plan.latent, cfg, cfg.seed + 1, given=_given(shape, [(0, win.latent[:, :1])]),
+                      clock=clock)
     frames = pipe.vae.decode_video(win.latent, plan.frames, plan.height, plan.width)
     fps = cfg.fps or float(pipeline_default(pipe, "fps", FALLBACK_FPS))
     frames, fps, refined = _refine(pipe, win.latent, frames, fps, cfg)

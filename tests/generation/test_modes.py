@@ -51,6 +51,17 @@ def test_text_to_video_any_size_and_reproducible(pipe):
     assert d.frames.shape == (SAMPLE_SIZE[2], SAMPLE_SIZE[1], SAMPLE_SIZE[0], 3)
 
 
+def test_two_pass_text_to_video_resamples_from_its_own_first_frame(pipe):
+    cfg = CFG.replace(width=16, height=12, frames=9, seed=5)
+    one = modes.text_to_video(pipe, "a red circle moving left on a black background", cfg)
+    two = modes.text_to_video(pipe, "a red circle moving left on a black background", cfg.replace(two_pass=True))
+    win = two.windows[0]
+    assert win.given.tolist() == [True] + [False] * (win.given.numel() - 1) and _given_exact(win)
+    assert torch.equal(win.latent[:, :1], one.windows[0].latent[:, :1])  # the first pass's first frame
+    assert not torch.equal(win.latent[:, 1:], one.windows[0].latent[:, 1:])  # the rest sampled again
+    assert two.record["settings"]["two_pass"] is True and two.frames.shape == one.frames.shape
+
+
 def test_image_to_video_keeps_the_image_as_first_frame(pipe, clip):
     image = np.ascontiguousarray(clip[0, :, :14])  # 14x12: its own aspect is kept
     g = modes.image_to_video(pipe, "a block", image, CFG.replace(frames=5))
