@@ -15,7 +15,9 @@ from sorakit.diffusion.samplers import (
     sample_euler,
     sample_heun,
 )
-from sorakit.diffusion.schedule import NoiseGrid, alpha_sigma, network_time, sample_t, sampling_grid, shift_factor
+from sorakit.diffusion.schedule import (
+    NoiseGrid, alpha_sigma, network_time, sample_t, sampling_grid, shift_factor, training_shift,
+)
 
 __all__ = [
     "DiffusionConfig", "PARAMETRISATIONS", "SCHEDULES",
@@ -23,4 +25,5 @@ __all__ = [
     "SAMPLERS", "EVALS_PER_STEP", "default_sampler", "get_sampler",
     "sample_ddim", "sample_dpmpp_2m", "sample_euler", "sample_heun",
     "NoiseGrid", "alpha_sigma", "network_time", "sample_t", "sampling_grid", "shift_factor",
+    "training_shift",
 ]

@@ -26,6 +26,11 @@ class DiffusionConfig:
     # SNR divided by shift², shift = shift_scale · sqrt(n / shift_base_tokens). 0 turns it off.
     shift_base_tokens: int = 0
     shift_scale: float = 1.0
+    # Share of training videos noised without that shift. A large shift puts nearly all training at
+    # high noise, where layout is decided, and starves the low and middle levels, where outlines are
+    # made: the samples come out speckled and blotchy. Sampling keeps the shift either way; the
+    # network sees only the noise level, so the two paths train one function.
+    unshifted_fraction: float = 0.0
     # Min-SNR-γ loss weighting (Hang et al. 2023); 0 turns it off. For x: the cap of the v-loss weight.
     min_snr_gamma: float = 0.0
     # How training draws t ∈ [0, 1]: uniform, or logit-normal (more weight on the middle, as SD3).
@@ -43,5 +48,7 @@ class DiffusionConfig:
             )
         if self.shift_base_tokens < 0 or self.shift_scale <= 0:
             raise ConfigError("shift_base_tokens must be >= 0 and shift_scale > 0")
+        if not 0.0 <= self.unshifted_fraction <= 1.0:
+            raise ConfigError("unshifted_fraction must be in [0, 1]")
         if self.min_snr_gamma < 0:
             raise ConfigError("min_snr_gamma must be >= 0")

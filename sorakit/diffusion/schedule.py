@@ -30,6 +30,16 @@ def shift_factor(num_positions: torch.Tensor | float, cfg: DiffusionConfig) -> t
     return cfg.shift_scale * (n / cfg.shift_base_tokens).sqrt()
 
 
+def training_shift(num_positions: torch.Tensor, cfg: DiffusionConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-video shift factors for training: `shift_factor`, except 1 for a random share
+    `cfg.unshifted_fraction` of the videos."""
+    shift = shift_factor(num_positions, cfg)
+    if cfg.unshifted_fraction > 0:
+        plain = torch.rand(shift.shape, generator=generator) < cfg.unshifted_fraction
+        shift = torch.where(plain, torch.ones_like(shift), shift)
+    return shift
+
+
 def alpha_sigma(
     t: torch.Tensor, cfg: DiffusionConfig, shift: torch.Tensor | float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

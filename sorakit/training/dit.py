@@ -44,9 +44,9 @@ from sorakit.diffusion import (
     loss_weight,
     network_time,
     sample_t,
-    shift_factor,
     self_condition_input,
     target,
+    training_shift,
 )
 from sorakit.training.common import OptimConfig, TrainerConfig, build_trainer, configure_adamw, fit
 
@@ -202,7 +202,7 @@ def diffusion_loss(
     nv = len(batch.videos)
     positions = torch.tensor([v.shape[1] * v.shape[2] * v.shape[3] for v in batch.videos], dtype=torch.float32)
     t = sample_t(nv, cfg)
-    alpha_v, sigma_v = alpha_sigma(t, cfg, shift_factor(positions, cfg))  # (V,)
+    alpha_v, sigma_v = alpha_sigma(t, cfg, training_shift(positions, cfg))  # (V,)
     alpha = batch.per_token(alpha_v.to(x0.device))[..., None]  # (B, N, 1)
     sigma = batch.per_token(sigma_v.to(x0.device))[..., None]
     noise = torch.randn_like(x0)

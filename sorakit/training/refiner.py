@@ -38,7 +38,7 @@ import torch
 
 from sorakit.config import ConfigError, save_config
 from sorakit.data.packing import VIDEO_WEIGHTINGS, pack, per_video_loss
-from sorakit.diffusion import alpha_sigma, loss_weight, network_time, sample_t, shift_factor, target
+from sorakit.diffusion import alpha_sigma, loss_weight, network_time, sample_t, target, training_shift
 from sorakit.generation.refine import downsample_video
 from sorakit.models.refiner import Refiner, RefinerConfig, Scales, refined_shape, refiner_config, upsample_latent
 from sorakit.training.common import OptimConfig, TrainerConfig, build_trainer, configure_adamw, fit
@@ -176,7 +176,7 @@ def refiner_loss(
     cond = pack(conds, model.patch, max_tokens).x  # same shapes → same layout
     t = sample_t(n, cfg, generator)
     positions = torch.tensor([z.shape[1] * z.shape[2] * z.shape[3] for z in targets], dtype=torch.float32)
-    alpha, sigma = alpha_sigma(t, cfg, shift_factor(positions, cfg))  # (V,)
+    alpha, sigma = alpha_sigma(t, cfg, training_shift(positions, cfg, generator))  # (V,)
     tok_alpha = batch.per_token(alpha.to(device))[..., None]  # (B, N, 1)
     tok_sigma = batch.per_token(sigma.to(device))[..., None]
     noise = torch.randn(batch.x.shape, generator=generator).to(device)

@@ -19,6 +19,7 @@ from sorakit.diffusion import (
     shift_factor,
     target,
     to_x0_eps,
+    training_shift,
 )
 
 CONFIGS = {
@@ -97,6 +98,21 @@ def test_more_tokens_get_more_noise():
     t_same = network_time(a1, s1)
     a2, s2 = alpha_sigma(t_same, cfg)
     torch.testing.assert_close(a2, a1)
+
+
+def test_an_unshifted_share_of_training_videos_keeps_low_noise_trained():
+    positions = torch.full((4000,), 16384.0)  # shift 4 each
+    shifted = DiffusionConfig(shift_base_tokens=1024)
+    mixed = DiffusionConfig(shift_base_tokens=1024, unshifted_fraction=0.3)
+    k = training_shift(positions, mixed, torch.Generator().manual_seed(0))
+    assert set(k.unique().tolist()) == {1.0, 4.0} and abs((k == 1).float().mean().item() - 0.3) < 0.03
+    assert torch.equal(training_shift(positions, shifted), shift_factor(positions, shifted))
+    # What it is for: the share of training at σ < 0.3 (where outlines are made) nearly doubles.
+    t = torch.rand(4000, generator=torch.Generator().manual_seed(1))
+    low = [(alpha_sigma(t, c, training_shift(positions, c))[1] < 0.3).float().mean().item() for c in (shifted, mixed)]
+    assert low[1] > 1.5 * low[0]
+    with pytest.raises(ConfigError):
+        DiffusionConfig(unshifted_fraction=1.5).validate()
 
 
 def test_min_snr_weights():
