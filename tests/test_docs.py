@@ -61,7 +61,16 @@ def _words(command: str) -> list[str]:
         words = shlex.split(command)
     except ValueError:  # an unbalanced quote in prose-like code ("..."): fall back to whitespace
         words = command.split()
-    return [w.strip("[]") for w in words[1:] if w.strip("[]")]
+    return [w for w in map(_unbracket, words[1:]) if w]
+
+
+def _unbracket(word: str) -> str:
+    """`[--flag` / `VALUE]` of an optional part lose the bracket; `patch=[1,4,4]` keeps its own."""
+    if word.startswith("[") and word.count("[") > word.count("]"):
+        word = word[1:]
+    if word.endswith("]") and word.count("]") > word.count("["):
+        word = word[:-1]
+    return word
 
 
 def _option_names(cmd) -> set[str]:
