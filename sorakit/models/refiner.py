@@ -47,6 +47,7 @@ from sorakit.models.layers import (
     AxialRoPE3D,
     DiTBlock,
     FinalLayer,
+    PackedConvHead,
     TimestepEmbedder,
     init_adaln_zero,
     packed_attention_mask,
@@ -83,6 +84,13 @@ class RefinerConfig:
     # input is added back, so "change nothing" is the zero output instead of a copy the network must
     # reproduce through its patch embedding, and the whole model goes into the detail the input lacks.
     residual: bool = False
+    # A conv head after the transformer (`PackedConvHead`), on each video's own target grid: it sees
+    # the transformer's prediction, the conditioning and the noisy input, and adds pixel-exact detail
+    # a patch cannot hold (edges across patch borders). `head_width` channels (0: no head),
+    # `head_depth` hidden convs, kernel (t, h, w); (1, 3, 3) is per frame, time is the transformer's.
+    head_width: int = 0
+    head_depth: int = 3
+    head_kernel: tuple[int, int, int] = (1, 3, 3)
     # Sampling defaults: the conditioning's noise-augmentation level (0 trusts the low-res video
     # exactly; a little hides a base model's artefacts) and the number of sampler steps.
     aug_level: float = 0.1
@@ -105,6 +113,10 @@ class RefinerConfig:
             raise ConfigError(f"refiner patch must be three positive sizes (pt, ph, pw), got {self.patch}")
         if self.attn_backend not in ATTN_BACKENDS:
             raise ConfigError(f"unknown attn_backend {self.attn_backend!r} (known: {', '.join(ATTN_BACKENDS)})")
+        if self.head_width < 0 or (self.head_width and self.head_depth < 1):
+            raise ConfigError("refiner head_width must be ≥ 0 and head_depth ≥ 1 with a head")
+        if len(self.head_kernel) != 3 or any(k < 1 or k % 2 == 0 for k in self.head_kernel):
+            raise ConfigError(f"refiner head_kernel must be three odd sizes (t, h, w), got {self.head_kernel}")
         if self.attn_window is not None and (len(self.attn_window) != 3 or min(self.attn_window) < 1):
             raise ConfigError(f"refiner attn_window must be three positive token counts (t, h, w), got {self.attn_window}")
 
@@ -226,6 +238,10 @@ class Refiner(nn.Module):
             DiTBlock(d, config.heads, config.mlp_ratio, config.qk_norm, cross=False) for _ in range(config.depth)
         )
         self.final = FinalLayer(d, p)
+        self.head = None
+        if config.head_width:
+            c = config.in_channels  # input: [prediction, conditioning, noisy input] on the target grid
+            self.head = PackedConvHead(3 * c, c, config.head_width, config.head_depth, tuple(config.head_kernel), self.patch)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -269,7 +285,10 @@ class Refiner(nn.Module):
                 h = block(h, c, c_idx_l, mask, rope)
             if perm is not None:
                 h = torch.empty_like(h).scatter_(1, perm[..., None].expand_as(h), h)
-        return self.final(h, c, c_idx)  # (B, N, P)
+        out = self.final(h, c, c_idx)  # (B, N, P)
+        if self.head is not None:
+            out = out + self.head(torch.cat([out, cond, x], dim=-1), pos, seq_ids)
+        return out
 
     def layouts(self, pos: torch.Tensor, seq_ids: torch.Tensor) -> list[tuple]:
         """(token order or None, attention mask, RoPE tables) for each kind of block: one kind with

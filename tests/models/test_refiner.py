@@ -31,10 +31,14 @@ def _tiny(scales, **kw) -> Refiner:
     return _randomise(build_refiner("tiny", spatial_scale=scales[0], temporal_scale=scales[1], **kw))
 
 
+HEAD = {"head_width": 8, "head_depth": 2}  # the pixel-level conv head
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["plain", "conv-head"])
 @pytest.mark.parametrize("kind", list(SCALES))
-def test_shapes_through_the_network_and_the_sampler(kind):
+def test_shapes_through_the_network_and_the_sampler(kind, head):
     scales = SCALES[kind]
-    model = _tiny(scales)
+    model = _tiny(scales, **(HEAD if head else {}))
     lows = [torch.randn(4, 3, 5, 7), torch.randn(4, 1, 4, 4), torch.randn(4, 2, 3, 6)]  # odd sizes, an image
     expected = [refined_shape(tuple(z.shape), scales) for z in lows]
     s, r = scales
@@ -55,8 +59,9 @@ def test_shapes_through_the_network_and_the_sampler(kind):
     assert all(torch.isfinite(z).all() for z in refined)
 
 
-def test_conditioning_path_reaches_only_its_own_video():
-    model = _tiny((2, 2))
+@pytest.mark.parametrize("head", [False, True], ids=["plain", "conv-head"])
+def test_conditioning_path_reaches_only_its_own_video(head):
+    model = _tiny((2, 2), **(HEAD if head else {}))
     a, b = torch.randn(4, 2, 3, 3), torch.randn(4, 2, 2, 4)
     ca, cb = upsample_latent(a, model.scales), upsample_latent(b, model.scales)
     xa, xb = torch.randn(ca.shape), torch.randn(cb.shape)
@@ -94,6 +99,27 @@ def test_local_windows_bound_attention_and_equal_full_attention_when_they_cover_
     assert moved.any() and not (moved & ~same_window).any()
 
 
+def test_the_conv_head_convolves_each_packed_video_as_if_it_were_alone():
+    from sorakit.models.layers import PackedConvHead
+
+    torch.manual_seed(0)
+    head = PackedConvHead(3, 3, width=5, depth=2, kernel=(3, 3, 3), patch=(1, 2, 2))
+    torch.nn.init.normal_(head.out.weight)  # the fresh head outputs zeros by design
+    videos = [torch.randn(3, 3, 4, 6), torch.randn(3, 2, 6, 2)]  # different sizes: one canvas, two extents
+    batch = pack(videos, (1, 2, 2), max_tokens=4096)
+    assert batch.seq_ids.shape[0] == 1
+    out = batch.unpack(head(batch.x, batch.pos, batch.seq_ids))
+
+    def direct(v):  # the same convs on the video alone, zero padding at its border
+        x = v[None]
+        for conv in head.convs:
+            x = torch.nn.functional.silu(conv(x))
+        return head.out(x)[0]
+
+    for v, o in zip(videos, out):
+        torch.testing.assert_close(o, direct(v), atol=1e-5, rtol=1e-5)
+
+
 def test_upsampled_conditioning_keeps_the_low_res_frames_and_values():
     z = torch.randn(3, 4, 2, 3)
     up = upsample_latent(z, (1, 3))
@@ -103,8 +129,9 @@ def test_upsampled_conditioning_keeps_the_low_res_frames_and_values():
     torch.testing.assert_close(upsample_latent(flat, (2, 2)), torch.full((2, 3, 6, 6), 0.7))
 
 
-def test_sampling_is_reproducible_and_independent_of_batch_companions():
-    model = _tiny((2, 1))
+@pytest.mark.parametrize("head", [False, True], ids=["plain", "conv-head"])
+def test_sampling_is_reproducible_and_independent_of_batch_companions(head):
+    model = _tiny((2, 1), **(HEAD if head else {}))
     a, b = torch.randn(4, 2, 3, 3), torch.randn(4, 1, 5, 2)
     alone = refine_latents(model, [a], steps=3, seed=[7])[0]
     together = refine_latents(model, [b, a], steps=3, seed=[1, 7])[1]

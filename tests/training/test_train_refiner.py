@@ -14,15 +14,16 @@ from sorakit.cli import main
 from sorakit.config import ConfigError, load_config
 from sorakit.generation.refine import refine_decoded, refine_video
 from sorakit.models.io import read_model_config, save_pretrained
-from sorakit.models.refiner import build_refiner, refined_shape
+from sorakit.models.refiner import build_refiner, refined_shape, refined_video_size
 from sorakit.models.vae import VAE, vae_config
 from sorakit.training.refiner import (
     RefinerDataConfig, TrainRefinerConfig, encode_pair, preload_pairs, refiner_loss, training_window,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = [ROOT / "recipes" / "toy" / "refiner.yaml", ROOT / "recipes" / "base" / "refiner.yaml",
-           ROOT / "recipes" / "toy" / "refiner_pixels.yaml"]
+RECIPES = sorted((ROOT / "recipes").rglob("refiner*.yaml"))
+LATENT_RECIPE = ROOT / "recipes" / "toy" / "refiner.yaml"
+PIXEL_RECIPES = [ROOT / "recipes" / "toy" / "refiner_pixels.yaml", ROOT / "recipes" / "toy" / "refiner_sr.yaml"]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def test_preloaded_pairs_come_from_the_raw_shards(toy_shards, tiny_vae):
 
 def test_train_refine_and_eval_commands(toy_shards, tiny_vae, tmp_path, capsys):
     out = tmp_path / "refiner"
-    common = ["--config", str(RECIPES[0]), "--set", "preset=tiny", "--set", f"vae={tiny_vae}",
+    common = ["--config", str(LATENT_RECIPE), "--set", "preset=tiny", "--set", f"vae={tiny_vae}",
               "--set", f"data.shards={toy_shards}", "--set", "data.preload=false", "--set", "data.num_workers=0",
               "--set", "data.batch_size=2", "--set", "data.crop=32", "--set", "data.frames=5",
               "--set", "model.steps=2", "--set", "trainer.max_minutes=null", "--out", str(out)]
@@ -156,9 +157,10 @@ def test_train_refine_and_eval_commands(toy_shards, tiny_vae, tmp_path, capsys):
     assert main(["refine", str(tmp_path / "missing.mp4"), "--model", str(out), "--out", str(tmp_path / "x.mp4")]) == 1
 
 
-def test_pixel_space_refiner_trains_and_refines(toy_shards, tmp_path):
+@pytest.mark.parametrize("recipe", PIXEL_RECIPES, ids=lambda p: p.stem)
+def test_pixel_space_refiner_trains_and_refines(recipe, toy_shards, tmp_path):
     out = tmp_path / "pixel_refiner"
-    assert main(["train", "refiner", "--config", str(RECIPES[2]), "--set", "preset=tiny",
+    assert main(["train", "refiner", "--config", str(recipe), "--set", "preset=tiny",
                  "--set", f"data.shards={toy_shards}", "--set", "data.preload=true", "--set", "data.limit=2",
                  "--set", "data.crop=16", "--set", "data.frames=5",
                  "--set", "trainer.max_minutes=null", "--set", "trainer.max_steps=2", "--out", str(out)]) == 0
@@ -166,7 +168,8 @@ def test_pixel_space_refiner_trains_and_refines(toy_shards, tmp_path):
     assert meta["vae"] == "vae" and read_model_config(out / "vae")["config"]["kind"] == "pixels"
     assert meta["config"]["in_channels"] == 3
     low = np.random.default_rng(0).integers(0, 256, (3, 10, 14, 3), dtype=np.uint8)
-    assert refine_video(out, out / "vae", low, steps=1).shape == (5, 20, 28, 3)
+    scales = (meta["config"]["spatial_scale"], meta["config"]["temporal_scale"])
+    assert refine_video(out, out / "vae", low, steps=1).shape == (*refined_video_size(3, 10, 14, scales), 3)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
