@@ -31,6 +31,7 @@ CONTEXT = typer.Option(D.context, "--context", min=1, help="Latent frames of the
 WINDOW = typer.Option(D.window, "--window", min=2, help="Latent frames per sampling call when extending (default: the pipeline's).")
 FEATHER = typer.Option(D.feather, "--feather", min=0, help="Frames over which the decoder's error at a join fades out of the new frames (0: off).")
 TWO_PASS = typer.Option(D.two_pass, "--two-pass/--one-pass", help="Text-to-video: sample, keep the first latent frame, sample the rest again from it (image-to-video).")
+REFINE = typer.Option(D.refine, "--refine/--no-refine", help="Apply the pipeline's refiners (more pixels and frames) after the base model (default: when the pipeline holds any).")
 CRF = typer.Option(D.crf, "--crf", help="H.264 quality of the output; lower is better.")
 
 
@@ -76,7 +77,7 @@ def sample(
     fps: Optional[float] = FPS,
     crf: int = CRF,
     two_pass: bool = TWO_PASS,
-    refine: Optional[bool] = typer.Option(D.refine, "--refine/--no-refine", help="Apply the pipeline's refiners (more pixels and frames) after the base model (default: when the pipeline holds any)."),
+    refine: Optional[bool] = REFINE,
 ):
     """Text-to-video (or image-to-video with --image) at any size and length; batches with --prompts."""
     cfg = _config(width=width, height=height, frames=frames, fps=fps, seed=seed, steps=steps, sampler=sampler,
@@ -216,6 +217,7 @@ def eval_toyworld(
     window: Optional[int] = WINDOW,
     feather: int = FEATHER,
     two_pass: bool = TWO_PASS,
+    refine: Optional[bool] = REFINE,
 ):
     """Score toy-world prompt following (per attribute and all four) and extension/interpolation seams."""
     from sorakit.generation.evaluate import eval_model, eval_videos, format_report
@@ -227,7 +229,7 @@ def eval_toyworld(
         report = eval_videos(videos, log=log)
     else:
         cfg = _config(seed=seed, steps=steps, sampler=sampler, guidance=guidance, negative_prompt=negative_prompt,
-                      context=context, window=window, feather=feather, two_pass=two_pass)
+                      context=context, window=window, feather=feather, two_pass=two_pass, refine=refine)
         ecfg = EvalConfig(num=num, joins=joins, seed=eval_seed, compare=compare)
         report = eval_model(model, ecfg, cfg, train_data=train_data, save_dir=save, log=log)
     if json_out:

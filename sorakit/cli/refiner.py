@@ -1,4 +1,4 @@
-"""Refiner commands: `sorakit train refiner`, `sorakit refine`, `sorakit eval refiner`."""
+"""Refiner commands: `sorakit train refiner`, `sorakit set-refiners`, `sorakit refine`, `sorakit eval refiner`."""
 
 from __future__ import annotations
 
@@ -35,6 +35,19 @@ def train_refiner(
     cfg = load_config(TrainRefinerConfig, config, overrides)
     path = run(cfg, resume=resume)
     console.print(f"refiner written to {path}")
+
+
+@app.command("set-refiners")
+@handle_errors
+def set_refiners(
+    pipeline: Path = typer.Argument(..., help="Pipeline directory (written by `sorakit train dit`)."),
+    refiners: List[Path] = typer.Argument(None, help="Refiner directories, applied in this order; none: remove all."),
+):
+    """Set the chain of refiners a pipeline applies after its DiT (`sorakit sample --refine`)."""
+    from sorakit.generation.pipeline import set_refiners as run
+
+    refs = run(pipeline, list(refiners or []))
+    console.print(f"{pipeline}: refiners {', '.join(refs) if refs else 'none'}")
 
 
 @app.command("refine")

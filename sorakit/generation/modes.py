@@ -395,11 +395,12 @@ def _refine(pipe, latent, frames: np.ndarray, fps: float, cfg: GenerationConfig)
         return frames, fps, None
     if not pipe.refiners:
         raise ValueError(f"{pipe.path or 'the pipeline'}: holds no refiners (pipeline.json \"refiners\": []), so --refine cannot apply")
-    from sorakit.generation.refine import chain_scales, refine_decoded
+    from sorakit.generation.refine import chain_scales, refine_cascade
 
     start = time.perf_counter()
     s, r = chain_scales(pipe.refiners)
-    out = refine_decoded(pipe.refiners, pipe.vae, latent, tuple(frames.shape[:3]), base_frames=frames, seed=cfg.seed)
+    vaes = pipe.refiner_vaes or [pipe.vae] * len(pipe.refiners)
+    out = refine_cascade(pipe.refiners, vaes, pipe.vae, latent, frames, seed=cfg.seed)
     info = {"spatial_scale": s, "temporal_scale": r, "base_size": _size(frames, fps),
             "seconds": round(time.perf_counter() - start, 3)}
     return out, fps * r, info

@@ -22,6 +22,7 @@ import torch
 
 from sorakit.config import from_dict, to_dict
 from sorakit.diffusion import DiffusionConfig
+from sorakit.generation.refine import refiner_vae_path
 from sorakit.models.io import load_pretrained, read_model_config, save_pretrained
 from sorakit.utils.fs import atomic_write_json
 
@@ -36,11 +37,14 @@ class Pipeline:
     text_encoder: torch.nn.Module
     diffusion_cfg: DiffusionConfig
     refiners: list[torch.nn.Module] = field(default_factory=list)
+    # The VAE each refiner works in, in order: `vae` itself for a refiner trained in the base model's
+    # latent space, another (the weightless pixels VAE) for one trained elsewhere. Empty: all `vae`.
+    refiner_vaes: list[torch.nn.Module] = field(default_factory=list)
     path: Path | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # pipeline.json plus the DiT's extra metadata
 
     def to(self, device: torch.device | str) -> "Pipeline":
-        for m in (self.dit, self.vae, self.text_encoder, *self.refiners):
+        for m in (self.dit, self.vae, self.text_encoder, *self.refiners, *self.refiner_vaes):
             m.to(device)
         return self
 
@@ -120,6 +124,41 @@ def read_pipeline(path: str | Path) -> dict[str, Any]:
     return {**meta, "resolved": resolved}
 
 
+def set_refiners(path: str | Path, refiners: list[str | Path]) -> list[str]:
+    """Make the pipeline at `path` apply these refiner directories after its DiT, in order (replacing
+    its list; an empty list clears it). Each must be a refiner whose VAE exists; paths are stored
+    relative to the pipeline directory where they can be. Returns the stored paths."""
+    path = Path(path)
+    read_pipeline(path)  # the pipeline itself must be valid
+    refs = []
+    for r in refiners:
+        kind = read_model_config(r).get("kind")
+        if kind != "refiner":
+            raise ValueError(f"{r}: holds a {kind} model, expected a refiner")
+        refiner_vae_path(r)  # the space it works in must be there when the pipeline loads
+        refs.append(_link(r, path))
+    meta = json.loads((path / PIPELINE_FILE).read_text())
+    atomic_write_json(path / PIPELINE_FILE, {**meta, "refiners": refs})
+    return refs
+
+
+def _refiner_vaes(refiners: list[Path], vae_dir: Path, vae: torch.nn.Module) -> list[torch.nn.Module]:
+    """Each refiner's own VAE (recorded in its directory; the pipeline's when it records none), each
+    directory loaded once and the pipeline's VAE reused."""
+    loaded = {vae_dir.resolve(): vae}
+    out = []
+    for path in refiners:
+        recorded = read_model_config(path).get("vae")
+        if not recorded:
+            out.append(vae)
+            continue
+        where = refiner_vae_path(path).resolve()
+        if where not in loaded:
+            loaded[where] = load_pretrained(where, kind="vae")
+        out.append(loaded[where])
+    return out
+
+
 def load_pipeline(path: str | Path, device: torch.device | str = "cpu") -> Pipeline:
     """Load every component of a pipeline directory (weights only, no code from the directory)."""
     from sorakit.models.text_encoder import load_text_encoder
@@ -130,12 +169,14 @@ def load_pipeline(path: str | Path, device: torch.device | str = "cpu") -> Pipel
     if dit_meta.get("kind") != "dit":
         raise ValueError(f"{r['dit']}: holds a {dit_meta.get('kind')} model, expected dit")
     diffusion_cfg = from_dict(DiffusionConfig, dit_meta.get("diffusion", {}), "diffusion")
+    vae = load_pretrained(r["vae"], kind="vae")
     pipe = Pipeline(
         dit=load_pretrained(r["dit"], kind="dit"),
-        vae=load_pretrained(r["vae"], kind="vae"),
+        vae=vae,
         text_encoder=load_text_encoder(r["text_encoder"]).eval(),
         diffusion_cfg=diffusion_cfg,
         refiners=[load_pretrained(p, kind="refiner") for p in r["refiners"]],
+        refiner_vaes=_refiner_vaes(r["refiners"], r["vae"], vae),
         path=Path(path),
         meta={**{k: v for k, v in meta.items() if k != "resolved"},
               "dit_meta": {k: v for k, v in dit_meta.items() if k != "config"}},

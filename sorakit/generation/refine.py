@@ -207,6 +207,32 @@ def refine_decoded(
     return match_low_frequencies(out, base_frames, scales)
 
 
+def refine_cascade(refiners: Sequence[Refiner], vaes: Sequence[torch.nn.Module], base_vae: torch.nn.Module,
+                   latent: torch.Tensor, frames: np.ndarray, **kwargs) -> np.ndarray:
+    """A pipeline's refiners after its DiT, each in the space of the VAE it was trained with: the
+    base latent (in `base_vae`'s space) and its decoded `frames` in, the refined video out.
+
+    Consecutive refiners that share a VAE refine latents as one chain. Where the next refiner works
+    in another space (a pixel-space super-resolution refiner after a latent base model, the shape of
+    Imagen Video's cascade), the video so far is encoded with that refiner's VAE. kwargs go to
+    `refine_latents` (steps, sampler, seed, aug_level).
+    """
+    if len(vaes) != len(refiners):
+        raise ValueError(f"{len(refiners)} refiners but {len(vaes)} VAEs")
+    z, space = latent, base_vae
+    i = 0
+    while i < len(refiners):
+        j = i + 1
+        while j < len(refiners) and vaes[j] is vaes[i]:
+            j += 1
+        if vaes[i] is not space:
+            z, space = vaes[i].encode_video(frames).clone(), vaes[i]
+        frames = refine_decoded(list(refiners[i:j]), space, z, tuple(frames.shape[:3]), base_frames=frames, **kwargs)
+        space = None  # the refined video's latent is not kept: a next group encodes its frames
+        i = j
+    return frames
+
+
 def refine_video(refiner, vae, frames: np.ndarray, *, consistency: bool = True, **kwargs) -> np.ndarray:
     """uint8 (T, H, W, 3) → uint8 (1 + (T − 1)·r, s·H, s·W, 3) through the VAE's latent space.
 

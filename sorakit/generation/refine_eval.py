@@ -179,7 +179,9 @@ def evaluate_on_generated(pipeline, refiner, vae, num: int, *, seed: int = 0, ma
         spec = sample_spec(rng, seed)
         # Small base videos: the refiner's output is s·r times larger, and its cost grows with that.
         w, h = min(spec.width, max_side), min(spec.height, max_side)
-        cfg = GenerationConfig(width=w - w % 2, height=h - h % 2, frames=min(spec.num_frames, max_frames), seed=seed + i)
+        # refine=False: the base video alone, even when the pipeline holds refiners of its own.
+        cfg = GenerationConfig(width=w - w % 2, height=h - h % 2, frames=min(spec.num_frames, max_frames), seed=seed + i,
+                               refine=False)
         base = text_to_video(pipe, spec.caption, cfg).frames
         start = time.perf_counter()
         refined = refine_video(refiner, vae, base, seed=seed + i, **kwargs)

@@ -118,3 +118,18 @@ def test_eval_toyworld_generates_and_scores(tmp_path, tiny, capsys):
     assert [c.group for c in cases] == ["trained", "unseen"] * 3
     assert all(((c.spec.width, c.spec.height, c.spec.num_frames) in trained) == (c.group == "trained") for c in cases)
     assert [c.prompt for c in draw_cases(6, 0, trained)] == [c.prompt for c in cases]
+
+
+def test_eval_toyworld_scores_the_refined_videos_unless_told_not_to(tmp_path, capsys):
+    cascade = str(make_tiny_pipeline(tmp_path / "cascade", refiner=True))
+    sizes = {}
+    for flag in ("--refine", "--no-refine"):
+        save = tmp_path / flag
+        assert main(["eval", "toyworld", "--model", cascade, "--num", "1", "--joins", "0", "--steps", "1",
+                     "--save", str(save), flag, "--json"]) == 0
+        capsys.readouterr()
+        (video,) = save.glob("*.mp4")
+        info = probe(video)
+        sizes[flag] = (info.width, info.height, info.num_frames)
+    w, h, t = sizes["--no-refine"]
+    assert sizes["--refine"] == (2 * w, 2 * h, 1 + 2 * (t - 1))  # the tiny refiner: 2× space, 2× frame rate

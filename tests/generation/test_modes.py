@@ -185,6 +185,22 @@ def test_sample_applies_the_pipelines_refiners_unless_told_not_to(tmp_path, clip
     assert refined.record["size"]["width"] == 32
     i2v = modes.image_to_video(pipe, "a red circle", clip[0], cfg.replace(frames=5))
     assert i2v.frames.shape == (9, 24, 32, 3)
-    plain = load_pipeline(make_tiny_pipeline(tmp_path / "plain"))
+    # A pixel-space refiner after the latent one: the video is encoded into its own space.
+    cascade = load_pipeline(make_tiny_pipeline(tmp_path / "pixels", refiner=True, pixel_refiner=True))
+    assert cascade.refiner_vaes[0] is cascade.vae and cascade.refiner_vaes[1].latent_channels == 3
+    both = modes.text_to_video(cascade, "a red circle", cfg)
+    assert both.frames.shape == (9, 48, 64, 3) and both.record["refined"]["spatial_scale"] == 4
+    plain_dir = make_tiny_pipeline(tmp_path / "plain")
     with pytest.raises(ValueError, match="holds no refiners"):
-        modes.text_to_video(plain, "a red circle", cfg.replace(refine=True))
+        modes.text_to_video(load_pipeline(plain_dir), "a red circle", cfg.replace(refine=True))
+    # `sorakit set-refiners` attaches trained refiners to a trained pipeline, and removes them.
+    from sorakit.cli import main
+
+    assert main(["set-refiners", str(plain_dir), str(tmp_path / "pixels" / "pixel_refiner")]) == 0
+    attached = load_pipeline(plain_dir)
+    assert len(attached.refiners) == 1 and attached.refiner_vaes[0].latent_channels == 3
+    assert modes.text_to_video(attached, "a red circle", cfg).frames.shape == (5, 24, 32, 3)
+    assert main(["set-refiners", str(plain_dir), str(tmp_path / "plain" / "vae")]) == 1  # not a refiner
+    assert len(load_pipeline(plain_dir).refiners) == 1  # a refused change leaves the pipeline as it was
+    assert main(["set-refiners", str(plain_dir)]) == 0
+    assert load_pipeline(plain_dir).refiners == []
