@@ -21,9 +21,10 @@ def test_smoke_chain_from_toy_world_to_report(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     # Every stage left its self-describing output.
     for path in ["shards/manifest.json", "captioner/config.json", "captioned/manifest.json", "vae/config.json",
-                 "latents/manifest.json", "pipeline/pipeline.json", "samples/index.html", "report.md"]:
+                 "latents/manifest.json", "pipeline/pipeline.json", "refiner_sr/config.json", "samples/index.html",
+                 "report.md"]:
         assert (run / path).is_file(), path
-    for name in ["vae", "captioner", "toyworld"]:
+    for name in ["vae", "captioner", "toyworld", "refiner"]:
         json.loads((run / "metrics" / f"{name}.json").read_text())
     for mode in ["image_to_video", "extend_forward", "extend_backward", "interpolate"]:
         assert (run / "modes" / f"{mode}.mp4").is_file() and (run / "modes" / f"{mode}.json").is_file()
