@@ -333,8 +333,9 @@ class PackedConvHead(nn.Module):
     resolution model's whole job is such edges (docs/benchmarks.md: the toy 2× refiner with 8×8-pixel
     tokens gains 1.2 dB over bicubic without this head, 3.1 dB with it). This head scatters each video's
     tokens onto its own grid, unpatchifies them, convolves, and gathers the result back into the
-    packed layout. Activations outside a video's extent are zeroed after every conv, so each video
-    sees plain zero padding at its border, never another video nor the canvas size of its batch.
+    packed layout; videos of one size share a batch of grids. Each video sees plain zero padding at
+    its border, never another video (positions a video lacks, dropped tokens, are zeroed after
+    every conv).
     """
 
     def __init__(self, in_channels: int, out_channels: int, width: int, depth: int,
@@ -350,28 +351,44 @@ class PackedConvHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
         """(B, N, C_in·pt·ph·pw) tokens → (B, N, C_out·pt·ph·pw); padding tokens give zeros."""
-        b, n, p_in = tokens.shape
-        pt, ph, pw = self.patch
+        b, n, _ = tokens.shape
         valid = seq_ids >= 0  # (B, N)
         slot = torch.arange(b, device=tokens.device)[:, None] * (int(seq_ids.max()) + 1) + seq_ids
         _, video = torch.unique(slot[valid], return_inverse=True)  # (M,) each real token's video 0..V-1
         p = pos[valid].long()  # (M, 3)
-        nv, (gt, gh, gw) = int(video.max()) + 1, (p.amax(0) + 1).tolist()
-        grid = tokens.new_zeros(nv, gt, gh, gw, p_in)
-        grid[video, p[:, 0], p[:, 1], p[:, 2]] = tokens[valid]
-        present = tokens.new_zeros(nv, gt, gh, gw)
+        src = tokens[valid]
+        nv = int(video.max()) + 1
+        extent = p.new_zeros(nv, 3).scatter_reduce(0, video[:, None].expand(-1, 3), p + 1, "amax")
+        # Videos of one extent share a canvas of exactly that size: a batch of mixed sizes wastes no
+        # convolution on padding, and a row of equal training windows is one call.
+        shapes, group = torch.unique(extent, dim=0, return_inverse=True)
+        res = src.new_zeros(len(src), self.out.out_channels * math.prod(self.patch))
+        for g, shape in enumerate(shapes.tolist()):
+            members = (group == g).nonzero().squeeze(1)
+            local = torch.full((nv,), -1, dtype=torch.long, device=tokens.device)
+            local[members] = torch.arange(len(members), device=tokens.device)
+            sel = local[video] >= 0
+            res[sel] = self._convolve(src[sel], local[video[sel]], p[sel], len(members), shape)
+        out = tokens.new_zeros(b, n, res.shape[-1])
+        out[valid] = res
+        return out
+
+    def _convolve(self, src: torch.Tensor, video: torch.Tensor, p: torch.Tensor, nv: int, shape: list[int]) -> torch.Tensor:
+        """(M, P_in) tokens of `nv` videos of one token extent `shape` → (M, P_out)."""
+        pt, ph, pw = self.patch
+        gt, gh, gw = shape
+        grid = src.new_zeros(nv, gt, gh, gw, src.shape[-1])
+        grid[video, p[:, 0], p[:, 1], p[:, 2]] = src
+        present = src.new_zeros(nv, gt, gh, gw, 1)  # a video may lack tokens (dropped ones)
         present[video, p[:, 0], p[:, 1], p[:, 2]] = 1.0
-        x = self._to_pixels(grid, p_in // (pt * ph * pw))  # (V, C_in, T, H, W)
-        keep = self._to_pixels(present[..., None].expand(-1, -1, -1, -1, pt * ph * pw), 1)  # (V, 1, T, H, W)
+        x = self._to_pixels(grid, src.shape[-1] // (pt * ph * pw))  # (V, C_in, T, H, W)
+        keep = self._to_pixels(present.expand(-1, -1, -1, -1, pt * ph * pw), 1)  # (V, 1, T, H, W)
         x = x * keep
         for conv in self.convs:
             x = F.silu(conv(x)) * keep
         x = self.out(x)  # (V, C_out, T, H, W)
-        c_out = x.shape[1]
-        x = x.reshape(nv, c_out, gt, pt, gh, ph, gw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)  # (V, gt, gh, gw, C, pt, ph, pw)
-        out = tokens.new_zeros(b, n, c_out * pt * ph * pw)
-        out[valid] = x.reshape(nv, gt, gh, gw, -1)[video, p[:, 0], p[:, 1], p[:, 2]]
-        return out
+        x = x.reshape(nv, -1, gt, pt, gh, ph, gw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)  # (V, gt, gh, gw, C, pt, ph, pw)
+        return x.reshape(nv, gt, gh, gw, -1)[video, p[:, 0], p[:, 1], p[:, 2]]
 
     def _to_pixels(self, grid: torch.Tensor, channels: int) -> torch.Tensor:
         """(V, gt, gh, gw, C·pt·ph·pw) token grid → (V, C, gt·pt, gh·ph, gw·pw), patchify's layout."""

@@ -105,7 +105,8 @@ def test_the_conv_head_convolves_each_packed_video_as_if_it_were_alone():
     torch.manual_seed(0)
     head = PackedConvHead(3, 3, width=5, depth=2, kernel=(3, 3, 3), patch=(1, 2, 2))
     torch.nn.init.normal_(head.out.weight)  # the fresh head outputs zeros by design
-    videos = [torch.randn(3, 3, 4, 6), torch.randn(3, 2, 6, 2)]  # different sizes: one canvas, two extents
+    # two of one size (they share a grid batch) and one of another, all in one packed row
+    videos = [torch.randn(3, 3, 4, 6), torch.randn(3, 2, 6, 2), torch.randn(3, 3, 4, 6)]
     batch = pack(videos, (1, 2, 2), max_tokens=4096)
     assert batch.seq_ids.shape[0] == 1
     out = batch.unpack(head(batch.x, batch.pos, batch.seq_ids))
