@@ -399,8 +399,7 @@ def _refine(pipe, latent, frames: np.ndarray, fps: float, cfg: GenerationConfig)
 
     start = time.perf_counter()
     s, r = chain_scales(pipe.refiners)
-    vaes = pipe.refiner_vaes or [pipe.vae] * len(pipe.refiners)
-    out = refine_cascade(pipe.refiners, vaes, pipe.vae, latent, frames, seed=cfg.seed)
+    out = refine_cascade(pipe.refiners, pipe.refiner_vaes, pipe.vae, latent, frames, seed=cfg.seed)
     info = {"spatial_scale": s, "temporal_scale": r, "base_size": _size(frames, fps),
             "seconds": round(time.perf_counter() - start, 3)}
     return out, fps * r, info

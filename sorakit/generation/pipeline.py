@@ -38,10 +38,14 @@ class Pipeline:
     diffusion_cfg: DiffusionConfig
     refiners: list[torch.nn.Module] = field(default_factory=list)
     # The VAE each refiner works in, in order: `vae` itself for a refiner trained in the base model's
-    # latent space, another (the weightless pixels VAE) for one trained elsewhere. Empty: all `vae`.
+    # latent space, another (the weightless pixels VAE) for one trained elsewhere. Not given: all `vae`.
     refiner_vaes: list[torch.nn.Module] = field(default_factory=list)
     path: Path | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # pipeline.json plus the DiT's extra metadata
+
+    def __post_init__(self) -> None:
+        if not self.refiner_vaes:
+            self.refiner_vaes = [self.vae] * len(self.refiners)
 
     def to(self, device: torch.device | str) -> "Pipeline":
         for m in (self.dit, self.vae, self.text_encoder, *self.refiners, *self.refiner_vaes):
@@ -129,7 +133,7 @@ def set_refiners(path: str | Path, refiners: list[str | Path]) -> list[str]:
     its list; an empty list clears it). Each must be a refiner whose VAE exists; paths are stored
     relative to the pipeline directory where they can be. Returns the stored paths."""
     path = Path(path)
-    read_pipeline(path)  # the pipeline itself must be valid
+    meta = {k: v for k, v in read_pipeline(path).items() if k != "resolved"}  # the pipeline must be valid
     refs = []
     for r in refiners:
         kind = read_model_config(r).get("kind")
@@ -137,7 +141,6 @@ def set_refiners(path: str | Path, refiners: list[str | Path]) -> list[str]:
             raise ValueError(f"{r}: holds a {kind} model, expected a refiner")
         refiner_vae_path(r)  # the space it works in must be there when the pipeline loads
         refs.append(_link(r, path))
-    meta = json.loads((path / PIPELINE_FILE).read_text())
     atomic_write_json(path / PIPELINE_FILE, {**meta, "refiners": refs})
     return refs
 

@@ -18,6 +18,7 @@ bicubic-in-space, linear-in-time baseline a refiner has to beat.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from pathlib import Path
@@ -220,16 +221,12 @@ def refine_cascade(refiners: Sequence[Refiner], vaes: Sequence[torch.nn.Module],
     if len(vaes) != len(refiners):
         raise ValueError(f"{len(refiners)} refiners but {len(vaes)} VAEs")
     z, space = latent, base_vae
-    i = 0
-    while i < len(refiners):
-        j = i + 1
-        while j < len(refiners) and vaes[j] is vaes[i]:
-            j += 1
-        if vaes[i] is not space:
-            z, space = vaes[i].encode_video(frames).clone(), vaes[i]
-        frames = refine_decoded(list(refiners[i:j]), space, z, tuple(frames.shape[:3]), base_frames=frames, **kwargs)
-        space = None  # the refined video's latent is not kept: a next group encodes its frames
-        i = j
+    for _, run in itertools.groupby(zip(refiners, vaes), key=lambda pair: id(pair[1])):
+        models, (vae, *_) = zip(*run)
+        if vae is not space:
+            z = vae.encode_video(frames).clone()
+        frames = refine_decoded(list(models), vae, z, tuple(frames.shape[:3]), base_frames=frames, **kwargs)
+        space = None  # the refined video's latent is not kept: a next run encodes its frames
     return frames
 
 
