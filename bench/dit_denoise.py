@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     from sorakit.data.packing import pack
     from sorakit.diffusion import add_noise, alpha_sigma, network_time, to_x0_eps
     from sorakit.generation.pipeline import load_pipeline
-    from sorakit.generation.sampling import _encode
+    from sorakit.generation.sampling import encode_text
     from sorakit.models.layers import PackedMask
 
     torch.manual_seed(args.seed)
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     if not samples:
         sys.exit(f"{args.latents}: no latent samples")
     batch = pack([s["latent"] for s in samples], dit.patch)
-    text = _encode(pipe.text_encoder, [s["caption"] or "" for s in samples], batch, "cpu")
+    text = encode_text(pipe.text_encoder, [s["caption"] or "" for s in samples], batch, "cpu")
     weight = dit.x_embed.weight.detach()  # (D, P)
     rank = min(weight.shape)
     basis = torch.linalg.svd(weight, full_matrices=True).Vh  # (P, P): rows 0..rank-1 span what x_embed sees

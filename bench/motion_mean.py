@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     from sorakit.data.toyworld import parse_caption
     from sorakit.diffusion import alpha_sigma, network_time, to_x0_eps
     from sorakit.generation.pipeline import load_pipeline
-    from sorakit.generation.sampling import _encode
+    from sorakit.generation.sampling import encode_text
 
     torch.manual_seed(args.seed)
     pipe = load_pipeline(args.model)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
     for batch, captions, motions in itertools.islice(batches(args.seed), args.batches):
-        text = _encode(pipe.text_encoder, captions, batch, "cpu")
+        text = encode_text(pipe.text_encoder, captions, batch, "cpu")
         est = batch.unpack(x0_at_noise(dit, batch, text))
         for motion, z, z_hat in zip(motions, batch.unpack(batch.x), est):
             if motion in AXIS:
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def reference(args, pipe, batches) -> None:
     """Train a 2-hidden-layer MLP: (fractional position, pooled text) → x0, at t = 1 only."""
-    from sorakit.generation.sampling import _encode as encode
+    from sorakit.generation.sampling import encode_text as encode
     from sorakit.models.dit import fractional_features
 
     freqs = pipe.dit.config.frac_pos_freqs or 8

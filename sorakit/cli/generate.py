@@ -202,6 +202,7 @@ def eval_toyworld(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Pipeline directory to generate with and score."),
     videos: Optional[Path] = typer.Option(None, "--videos", help="Instead: score the videos in this directory against their sidecar prompts."),
     num: int = typer.Option(E.num, "--num", "-n", min=0, help="Text-to-video prompts (half at trained sizes, half unseen)."),
+    i2v: int = typer.Option(E.i2v, "--i2v", min=0, help="Real toy clips animated from their first frame (image-to-video); 0 skips."),
     joins: int = typer.Option(E.joins, "--joins", min=0, help="Clips per join mode (extend forward/backward, interpolate); 0 skips."),
     eval_seed: int = typer.Option(E.seed, "--eval-seed", help="Draws the prompts, sizes and clips."),
     compare: Optional[str] = typer.Option(E.compare, "--compare", help="Also run text-to-video with SAMPLER:STEPS (e.g. ddim:100) and report the gap."),
@@ -219,7 +220,7 @@ def eval_toyworld(
     two_pass: bool = TWO_PASS,
     refine: Optional[bool] = REFINE,
 ):
-    """Score toy-world prompt following (per attribute and all four) and extension/interpolation seams."""
+    """Score toy-world prompt following (text-to-video, image-to-video) and extension/interpolation seams."""
     from sorakit.generation.evaluate import eval_model, eval_videos, format_report
 
     if (model is None) == (videos is None):
@@ -230,7 +231,7 @@ def eval_toyworld(
     else:
         cfg = _config(seed=seed, steps=steps, sampler=sampler, guidance=guidance, negative_prompt=negative_prompt,
                       context=context, window=window, feather=feather, two_pass=two_pass, refine=refine)
-        ecfg = EvalConfig(num=num, joins=joins, seed=eval_seed, compare=compare)
+        ecfg = EvalConfig(num=num, i2v=i2v, joins=joins, seed=eval_seed, compare=compare)
         report = eval_model(model, ecfg, cfg, train_data=train_data, save_dir=save, log=log)
     if json_out:
         typer.echo(json.dumps(report, indent=2, default=str))

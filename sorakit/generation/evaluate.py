@@ -8,6 +8,10 @@ use sizes the model trained on (the pipeline's "train_sizes", or the clips under
 half sizes it never saw. Each video is scored by the pixel rules of `toyscore`: per-attribute and
 all-four accuracy, for the trained and unseen halves apart.
 
+Image-to-video: the first frame of a real toy clip (rendered and H.264-encoded), at a trained frame
+size when known, is animated with the clip's caption; the video is scored like text-to-video. The
+object is given, so this isolates what the model does over time: keeping the shape, moving it.
+
 Joins: real toy clips (rendered and H.264-encoded) of moving objects are cut and rebuilt by the
 model: forward extension regrows the second half from the first, backward extension the first half
 from the second, interpolation the middle third (whole VAE time steps) between the outer parts.
@@ -39,13 +43,14 @@ SEAM_BAR = 1.5  # the quality bar: a seam at most this much above an ordinary fr
 @dataclass
 class EvalConfig:
     num: int = 40  # text-to-video prompts (half at trained sizes, half at unseen ones)
+    i2v: int = 10  # real toy clips animated from their first frame (image-to-video); 0 skips them
     joins: int = 6  # clips per join mode (extend forward, extend backward, interpolate); 0 skips them
     seed: int = 0  # draws the prompts, sizes and clips; the same seed gives the same cases
     compare: str | None = None  # "SAMPLER:STEPS", e.g. "ddim:100": rerun text-to-video with it and report the gap
 
     def validate(self) -> None:
-        if self.num < 0 or self.joins < 0:
-            raise ConfigError("num and joins must be >= 0")
+        if self.num < 0 or self.joins < 0 or self.i2v < 0:
+            raise ConfigError("num, i2v and joins must be >= 0")
         if self.compare is not None:
             parse_compare(self.compare)
 
@@ -158,12 +163,25 @@ def draw_join_clips(num: int, seed: int, trained: set[tuple[int, int, int]]) -> 
     out = []
     for _ in range(num):
         frames = int(rng.integers(max(MIN_JOIN_FRAMES, FRAMES_RANGE[0]), FRAMES_RANGE[1] + 1))
-        size = {}
-        if pool:
-            w, h, _ = pool[int(rng.integers(len(pool)))]
-            size = {"width": w, "height": h}
-        out.append(sample_spec(rng, seed, motion=str(rng.choice(moving)), num_frames=frames, **size))
+        out.append(sample_spec(rng, seed, motion=str(rng.choice(moving)), num_frames=frames, **_frame_size(rng, pool)))
     return out
+
+
+def draw_i2v_clips(num: int, seed: int, trained: set[tuple[int, int, int]]) -> list[object]:
+    """Clips of every motion (still included) for image-to-video, at trained frame sizes when known."""
+    from sorakit.data.toyworld import sample_spec
+
+    rng = np.random.default_rng([seed, 2])
+    pool = sorted(trained)
+    return [sample_spec(rng, seed, **_frame_size(rng, pool)) for _ in range(num)]
+
+
+def _frame_size(rng: np.random.Generator, pool: list[tuple[int, int, int]]) -> dict:
+    """A (width, height) drawn from the training sizes, or nothing (sample_spec draws one) when unknown."""
+    if not pool:
+        return {}
+    w, h, _ = pool[int(rng.integers(len(pool)))]
+    return {"width": w, "height": h}
 
 
 def encoded_clip(spec) -> np.ndarray:
@@ -257,6 +275,22 @@ def _t2v(pipe, cases: list[Case], cfg: GenerationConfig, save_dir, tag: str, log
     return summary, rows
 
 
+def _i2v(pipe, specs: list, cfg: GenerationConfig, save_dir, log) -> tuple[dict, list[dict]]:
+    from sorakit.generation.modes import image_to_video
+
+    scores, rows = [], []
+    for i, spec in enumerate(specs):
+        clip = encoded_clip(spec)
+        gen = image_to_video(pipe, spec.caption, clip[0], cfg.replace(frames=len(clip), fps=float(spec.fps),
+                                                                    seed=cfg.seed + i, expand=False))
+        score = toyscore.score_video(gen.frames, spec.caption)
+        scores.append(score)
+        rows.append({"prompt": spec.caption, "size": [spec.width, spec.height, len(clip)], **score.to_dict()})
+        log(f"i2v {i + 1}/{len(specs)} {'ok ' if score.followed else 'MISS'} {spec.caption}")
+        _save(save_dir, f"i2v-{i:03d}", gen, score.to_dict())
+    return toyscore.summarize(scores), rows
+
+
 def _joins(pipe, specs: list, cfg: GenerationConfig, save_dir, log) -> tuple[dict, list[dict]]:
     from sorakit.generation.modes import extend, interpolate
 
@@ -311,6 +345,9 @@ def eval_model(model: str | Path, ecfg: EvalConfig, cfg: GenerationConfig, *, tr
             a, b = report["text_to_video"]["all"]["all"], ref["all"]["all"]
             report["compare"] = {"sampler": sampler, "steps": steps, "text_to_video": ref,
                                  "gap_points": round(100 * (a - b), 2) if a is not None and b is not None else None}
+    if ecfg.i2v:
+        report["image_to_video"], cases_out["image_to_video"] = _i2v(
+            pipe, draw_i2v_clips(ecfg.i2v, ecfg.seed, trained), cfg, save, log)
     if ecfg.joins:
         joins, cases_out["joins"] = _joins(pipe, draw_join_clips(ecfg.joins, ecfg.seed, trained), cfg, save, log)
         report.update(joins)
@@ -389,6 +426,11 @@ def format_report(report: dict) -> list[str]:
         ref = cmp_["text_to_video"]["all"]
         lines.append(f"  {cmp_['sampler']} {cmp_['steps']} steps: all four {pct(ref['all'])} "
                      f"(gap {cmp_['gap_points']:+.1f} points)")
+    i2v = report.get("image_to_video")
+    if i2v and i2v.get("n"):
+        a = i2v["accuracy"]
+        lines.append(f"image-to-video (real first frames) n={i2v['n']:<4}{pct(a['color'])} {pct(a['shape'])} "
+                     f"{pct(a['motion'])}   {pct(a['background'])}     {pct(i2v['all'])}")
     for mode in JOIN_MODES:
         s = report.get(mode)
         if s and s.get("n"):

@@ -43,7 +43,8 @@ def _noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
 
 
-def _encode(text_encoder, texts: list[str], batch: PackedBatch, device) -> tuple[torch.Tensor, ...]:
+def encode_text(text_encoder, texts: list[str], batch: PackedBatch, device) -> tuple[torch.Tensor, ...]:
+    """The DiT's text inputs (ctx, ctx_ids, pooled) for `batch`, one text per packed video (`pack_text`)."""
     emb = text_encoder.encode(texts).to(device)
     return pack_text(batch, [tok[m].float() for tok, m in zip(emb.tokens, emb.mask)], emb.pooled.float())
 
@@ -143,10 +144,10 @@ def generate_latents(
         x = x + grid.alpha[0] * pack(starts, patch, max_tokens).x.to(device)
     x = torch.where(given_mask, given_values, x)
 
-    ctx, ctx_ids, pooled = _encode(text_encoder, list(prompts), batch, device)
+    ctx, ctx_ids, pooled = encode_text(text_encoder, list(prompts), batch, device)
     guided = guidance != 1.0
     if guided:
-        u_ctx, u_ids, u_pooled = _encode(text_encoder, [str(s) for s in negatives], batch, device)
+        u_ctx, u_ids, u_pooled = encode_text(text_encoder, [str(s) for s in negatives], batch, device)
         length = max(ctx.shape[1], u_ctx.shape[1])
         ctx, ctx_ids = _pad_ctx(ctx, ctx_ids, length)
         u_ctx, u_ids = _pad_ctx(u_ctx, u_ids, length)

@@ -10,8 +10,9 @@ P = C·pt·ph·pw values, and the patches of several videos concatenated in a ro
 
 * embeds each patch linearly (a Conv3d with kernel = stride = patch, written as a Linear on the
   flattened patch, since the patches of different videos no longer sit on one grid);
-* encodes where a token is with 3D axial RoPE on its integer (t, h, w) patch coordinates, so any
-  size and length works, including sizes never seen in training;
+* encodes where a token is with 3D RoPE on its integer (t, h, w) patch coordinates (axial, or
+  `rope="mixed"`: learned directions that mix time and space), so any size and length works,
+  including sizes never seen in training;
 * runs `depth` DiT blocks: block-diagonal self-attention (a token sees only its own video),
   cross-attention to that video's text tokens (masked), MLP, each modulated by adaLN-Zero;
 * conditions per token on the diffusion time and per video on the pooled text: the conditioning
@@ -38,6 +39,7 @@ from sorakit.models.layers import (
     AxialRoPE3D,
     DiTBlock,
     FinalLayer,
+    MixedRoPE3D,
     Mlp,
     TimestepEmbedder,
     cross_attention_mask,
@@ -60,6 +62,7 @@ class DiTConfig:
     text_dim: int = 512  # width of the text encoder's token states and pooled vector
     qk_norm: bool = True
     rope_theta: float = 10000.0
+    rope: str = "axial"  # axial | mixed (learned spacetime frequency directions, see MixedRoPE3D)
     attn_backend: str = "auto"  # auto | dense | segments | flex (see sorakit.models.layers)
     grad_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% more compute
     # Self-conditioning (Chen et al. 2022, "Analog Bits"): the network also sees its own previous x0
@@ -78,6 +81,8 @@ class DiTConfig:
             raise ConfigError(f"dit head dimension {self.dim // self.heads} must be even and at least 6 for 3D RoPE")
         if len(self.patch) != 3 or min(self.patch) < 1:
             raise ConfigError(f"dit patch must be three positive sizes (pt, ph, pw), got {self.patch}")
+        if self.rope not in ("axial", "mixed"):
+            raise ConfigError(f"dit rope must be axial or mixed, got {self.rope!r}")
         if self.attn_backend not in ATTN_BACKENDS:
             raise ConfigError(f"unknown attn_backend {self.attn_backend!r} (known: {', '.join(ATTN_BACKENDS)})")
 
@@ -125,7 +130,10 @@ class DiT(nn.Module):
         self.text_norm = nn.LayerNorm(config.text_dim, elementwise_affine=False, eps=1e-6)
         self.y_embed = Mlp(config.text_dim, d, d)  # pooled text → the adaLN conditioning
         self.ctx_embed = Mlp(config.text_dim, d, d)  # text tokens → cross-attention keys/values
-        self.rope = AxialRoPE3D(d // config.heads, theta=config.rope_theta)
+        if config.rope == "mixed":
+            self.rope = MixedRoPE3D(d // config.heads, config.heads, theta=config.rope_theta)
+        else:
+            self.rope = AxialRoPE3D(d // config.heads, theta=config.rope_theta)
         self.blocks = nn.ModuleList(
             DiTBlock(d, config.heads, config.mlp_ratio, config.qk_norm, cross=True) for _ in range(config.depth)
         )

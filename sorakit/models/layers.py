@@ -14,7 +14,8 @@ Attention never crosses videos:
     the GPU path. PyTorch runs flex_attention's backward only on GPUs.
   ``auto`` picks ``flex`` on CUDA and ``segments`` elsewhere (see docs/benchmarks.md).
 * `AxialRoPE3D` rotates query/key channels by the token's (t, h, w) position, so attention depends
-  on relative positions only and any size or length works, including ones never trained on.
+  on relative positions only and any size or length works, including ones never trained on;
+  `MixedRoPE3D` learns each pair's frequency direction in spacetime (moving objects).
 * `DiTBlock` is self-attention + masked cross-attention to the video's own text tokens + MLP, with
   adaLN-Zero modulation from a small table of conditioning vectors (one per distinct (video, time)
   pair) gathered per token, so clean "given" tokens (time 0) sit beside noisy ones in one video.
@@ -167,6 +168,39 @@ class AxialRoPE3D(nn.Module):
             [pos[..., i : i + 1].float() * getattr(self, f"freqs{i}") for i in range(3)], dim=-1
         )  # (B, N, Dh/2)
         return angles.cos()[:, None], angles.sin()[:, None]
+
+
+class MixedRoPE3D(nn.Module):
+    """RoPE with learnable spacetime frequency vectors (RoPE-Mixed, Heo et al. 2024, in 3D).
+
+    Each head's channel pair j rotates by the angle f_j · (t, h, w), f_j a learned 3-vector, where
+    axial RoPE fixes f_j to one axis. An oblique f_j (time and space mixed) has constant phase
+    along a line Δw = v·Δt: a head can then match a token to where a moving object was a frame
+    earlier, a relation axial RoPE can express only as a sum of separate time and space terms.
+    Half the pairs start axial (as `AxialRoPE3D`), half at the same frequency in a random direction.
+    """
+
+    def __init__(self, head_dim: int, heads: int, theta: float = 10000.0, seed: int = 0):
+        super().__init__()
+        axial = AxialRoPE3D(head_dim, theta)
+        freqs = torch.zeros(head_dim // 2, 3)
+        start = 0
+        for i in range(3):
+            f = getattr(axial, f"freqs{i}")
+            freqs[start : start + len(f), i] = f
+            start += len(f)
+        freqs = freqs.repeat(heads, 1, 1)  # (H, Dh/2, 3)
+        g = torch.Generator().manual_seed(seed)
+        direction = torch.randn(heads, head_dim // 2, 3, generator=g)
+        direction = direction / direction.norm(dim=-1, keepdim=True)
+        mixed = freqs.norm(dim=-1, keepdim=True) * direction
+        freqs[:, 1::2] = mixed[:, 1::2]
+        self.freqs = nn.Parameter(freqs)
+
+    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos (B, N, 3) → cos, sin (B, H, N, Dh/2)."""
+        angles = torch.einsum("bnc,hpc->bhnp", pos.float(), self.freqs.float())
+        return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

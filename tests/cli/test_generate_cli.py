@@ -102,7 +102,7 @@ def test_eval_toyworld_generates_and_scores(tmp_path, tiny, capsys):
     from sorakit.generation.outputs import load_model
 
     save = tmp_path / "saved"
-    argv = ["eval", "toyworld", "--model", tiny, "--num", "1", "--joins", "1", "--window", "8", "--steps", "1",
+    argv = ["eval", "toyworld", "--model", tiny, "--num", "1", "--i2v", "1", "--joins", "1", "--window", "8", "--steps", "1",
             "--compare", "ddim:1", "--save", str(save), "--json"]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
@@ -111,7 +111,9 @@ def test_eval_toyworld_generates_and_scores(tmp_path, tiny, capsys):
     assert report["compare"]["steps"] == 1 and report["compare"]["gap_points"] is not None
     for mode in ("extend_forward", "extend_backward", "interpolate"):
         assert report[mode]["n"] == 1 and report[mode]["seam"]["mean"] >= 0
-    assert len(list(save.glob("*.mp4"))) == 2 + 3  # t2v, its ddim rerun, three joins
+    i2v = report["image_to_video"]
+    assert i2v["n"] == 1 and report["cases"]["image_to_video"][0]["prompt"].startswith("a ")
+    assert len(list(save.glob("*.mp4"))) == 2 + 1 + 3  # t2v, its ddim rerun, image-to-video, three joins
     # the prompts: half at trained sizes, half at sizes the model never saw
     trained = training_sizes(load_model(tiny))
     cases = draw_cases(6, 0, trained)
@@ -125,7 +127,7 @@ def test_eval_toyworld_scores_the_refined_videos_unless_told_not_to(tmp_path, ca
     sizes = {}
     for flag in ("--refine", "--no-refine"):
         save = tmp_path / flag
-        assert main(["eval", "toyworld", "--model", cascade, "--num", "1", "--joins", "0", "--steps", "1",
+        assert main(["eval", "toyworld", "--model", cascade, "--num", "1", "--i2v", "0", "--joins", "0", "--steps", "1",
                      "--save", str(save), flag, "--json"]) == 0
         capsys.readouterr()
         (video,) = save.glob("*.mp4")

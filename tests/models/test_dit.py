@@ -8,7 +8,7 @@ import torch
 from sorakit.data.packing import pack, pack_text
 from sorakit.models.dit import DIT_PRESETS, DiT, build_dit, dit_config
 from sorakit.models.io import load_pretrained, save_pretrained
-from sorakit.models.layers import AxialRoPE3D, apply_rope
+from sorakit.models.layers import AxialRoPE3D, MixedRoPE3D, apply_rope
 
 
 def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -83,8 +83,34 @@ def test_rope_scores_depend_only_on_relative_position_even_far_beyond_training_s
     assert not torch.isclose(score([1, 2, 3], [0, 6, 1]), base)  # the relative position does matter
 
 
-def test_model_runs_at_unseen_sizes_and_is_translation_invariant():
-    dit = _randomise(build_dit("tiny"))
+def test_mixed_rope_starts_half_axial_and_can_follow_a_moving_object():
+    axial, mixed = AxialRoPE3D(16), MixedRoPE3D(16, heads=2)
+    pos = torch.randint(0, 50, (1, 7, 3))
+    (ca, sa), (cm, sm) = axial(pos), mixed(pos)
+    assert cm.shape == (1, 2, 7, 8)
+    torch.testing.assert_close(cm[:, :, :, 0::2], ca[:, :, :, 0::2].expand(1, 2, 7, 4))  # the axial half
+    assert (cm[:, :, :, 1::2] - ca[:, :, :, 1::2]).abs().max() > 1e-2  # the other half mixes the axes
+    # Frequencies along (v, 0, -1): the phase is the same wherever w - w' = v (t - t'), so a query
+    # scores highest on the key one frame back and v tokens behind it, for every frame gap.
+    v = 2.0
+    with torch.no_grad():
+        mixed.freqs.copy_(torch.tensor([v, 0.0, -1.0]) * torch.linspace(0.05, 0.6, 8)[None, :, None])
+    q = torch.randn(1, 1, 1, 16, generator=torch.Generator().manual_seed(0))
+
+    @torch.no_grad()
+    def score(pq, pk):
+        cq, sq = mixed(torch.tensor([[pq]]))
+        ck, sk = mixed(torch.tensor([[pk]]))
+        return (apply_rope(q, cq[:1, :1], sq[:1, :1]) * apply_rope(q, ck[:1, :1], sk[:1, :1])).sum()
+
+    for gap in (1, 2, 3):
+        best = max(range(-10, 11), key=lambda dw: score([gap, 5, 20], [0, 5, 20 - dw]).item())
+        assert best == v * gap
+
+
+@pytest.mark.parametrize("rope", ["axial", "mixed"])
+def test_model_runs_at_unseen_sizes_and_is_translation_invariant(rope):
+    dit = _randomise(build_dit("tiny", rope=rope))
     z = torch.randn(4, 9, 26, 3)  # odd sizes: patch padding, an aspect far from anything trained
     batch, args = _inputs(dit, [z], [torch.randn(3, 32)])
     out = dit(*args)
