@@ -410,15 +410,19 @@ def format_report(report: dict) -> list[str]:
     """Human-readable lines of a report (the JSON holds every case as well)."""
     lines = []
     pct = lambda v: "  -  " if v is None else f"{100 * v:5.1f}%"  # noqa: E731
+
+    def accuracy_row(label: str, s: dict) -> str:  # under the text-to-video header's columns
+        a = s["accuracy"]
+        return (f"{label:<35}{pct(a['color'])} {pct(a['shape'])} {pct(a['motion'])}   {pct(a['background'])}     "
+                f"{pct(s['all'])}")
+
     t2v = report.get("text_to_video")
     if t2v:
         lines.append("text-to-video prompt following      color  shape  motion  background  all four")
         for group in ("trained", "unseen", "all"):
             s = t2v.get(group)
             if s and s["n"]:
-                a = s["accuracy"]
-                lines.append(f"  {group:<8} n={s['n']:<4}                  {pct(a['color'])} {pct(a['shape'])} "
-                             f"{pct(a['motion'])}   {pct(a['background'])}     {pct(s['all'])}")
+                lines.append(accuracy_row(f"  {group:<8} n={s['n']}", s))
         if t2v.get("seconds_per_video"):
             lines.append(f"  {t2v['seconds_per_video']:.2f} s per video, {t2v['seconds_per_step']:.3f} s per step")
     cmp_ = report.get("compare")
@@ -428,9 +432,7 @@ def format_report(report: dict) -> list[str]:
                      f"(gap {cmp_['gap_points']:+.1f} points)")
     i2v = report.get("image_to_video")
     if i2v and i2v.get("n"):
-        a = i2v["accuracy"]
-        lines.append(f"image-to-video (real first frames) n={i2v['n']:<4}{pct(a['color'])} {pct(a['shape'])} "
-                     f"{pct(a['motion'])}   {pct(a['background'])}     {pct(i2v['all'])}")
+        lines.append(accuracy_row(f"image-to-video n={i2v['n']}", i2v))
     for mode in JOIN_MODES:
         s = report.get(mode)
         if s and s.get("n"):
