@@ -65,6 +65,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads exponents without a dot (`lr: 2e-3`, `--set optim.lr=2e-3`) as strings.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -34,6 +34,16 @@ def test_int_is_accepted_where_a_float_is_expected():
     assert from_dict(Inner, {"lr": 1}).lr == 1.0
 
 
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    # YAML 1.1 (PyYAML) reads `2e-3` as a string; users write learning rates that way.
+    f = tmp_path / "c.yaml"
+    f.write_text("inner:\n  lr: 5e-4\n")
+    assert load_config(Outer, f).inner.lr == 5e-4
+    assert load_config(Outer, f, ["inner.lr=2e-3"]).inner.lr == 2e-3
+    with pytest.raises(ConfigError, match="inner.lr: expected a number, got 'fast'"):
+        load_config(Outer, f, ["inner.lr=fast"])
+
+
 @pytest.mark.parametrize(
     "data, message",
     [
