@@ -11,8 +11,9 @@ P = C·pt·ph·pw values, and the patches of several videos concatenated in a ro
 * embeds each patch linearly (a Conv3d with kernel = stride = patch, written as a Linear on the
   flattened patch, since the patches of different videos no longer sit on one grid);
 * encodes where a token is with 3D RoPE on its integer (t, h, w) patch coordinates (axial, or
-  `rope="mixed"`: learned directions that mix time and space), so any size and length works,
-  including sizes never seen in training;
+  `rope="mixed"`: learned directions that mix time and space; `"mixed_frac"`: those directions on
+  positions as fractions of the video), so any size and length works, including sizes never seen
+  in training;
 * runs `depth` DiT blocks: block-diagonal self-attention (a token sees only its own video),
   cross-attention to that video's text tokens (masked), MLP, each modulated by adaLN-Zero;
 * conditions per token on the diffusion time and per video on the pooled text: the conditioning
@@ -47,6 +48,8 @@ from sorakit.models.layers import (
     packed_attention_mask,
 )
 
+ROPE_KINDS = ("axial", "mixed", "mixed_frac")
+
 
 @dataclass
 class DiTConfig:
@@ -62,7 +65,9 @@ class DiTConfig:
     text_dim: int = 512  # width of the text encoder's token states and pooled vector
     qk_norm: bool = True
     rope_theta: float = 10000.0
-    rope: str = "axial"  # axial | mixed (learned spacetime frequency directions, see MixedRoPE3D)
+    # axial | mixed (learned spacetime frequency directions, see MixedRoPE3D) | mixed_frac (the same,
+    # the oblique half on positions as fractions of the video, so one direction is one relative motion)
+    rope: str = "axial"
     attn_backend: str = "auto"  # auto | dense | segments | flex (see sorakit.models.layers)
     grad_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% more compute
     # Self-conditioning (Chen et al. 2022, "Analog Bits"): the network also sees its own previous x0
@@ -81,8 +86,8 @@ class DiTConfig:
             raise ConfigError(f"dit head dimension {self.dim // self.heads} must be even and at least 6 for 3D RoPE")
         if len(self.patch) != 3 or min(self.patch) < 1:
             raise ConfigError(f"dit patch must be three positive sizes (pt, ph, pw), got {self.patch}")
-        if self.rope not in ("axial", "mixed"):
-            raise ConfigError(f"dit rope must be axial or mixed, got {self.rope!r}")
+        if self.rope not in ROPE_KINDS:
+            raise ConfigError(f"dit rope must be one of {', '.join(ROPE_KINDS)}, got {self.rope!r}")
         if self.attn_backend not in ATTN_BACKENDS:
             raise ConfigError(f"unknown attn_backend {self.attn_backend!r} (known: {', '.join(ATTN_BACKENDS)})")
 
@@ -130,8 +135,8 @@ class DiT(nn.Module):
         self.text_norm = nn.LayerNorm(config.text_dim, elementwise_affine=False, eps=1e-6)
         self.y_embed = Mlp(config.text_dim, d, d)  # pooled text → the adaLN conditioning
         self.ctx_embed = Mlp(config.text_dim, d, d)  # text tokens → cross-attention keys/values
-        if config.rope == "mixed":
-            self.rope = MixedRoPE3D(d // config.heads, config.heads, theta=config.rope_theta)
+        if config.rope in ("mixed", "mixed_frac"):
+            self.rope = MixedRoPE3D(d // config.heads, config.heads, config.rope_theta, fractional=config.rope == "mixed_frac")
         else:
             self.rope = AxialRoPE3D(d // config.heads, theta=config.rope_theta)
         self.blocks = nn.ModuleList(
@@ -182,16 +187,18 @@ class DiT(nn.Module):
         h = self.x_embed(x)  # (B, N, D)
         if self.sc_embed is not None and x0_prev is not None:
             h = h + self.sc_embed(x0_prev.to(h.dtype))
+        frac = None
+        if self.frac_embed is not None or self.config.rope == "mixed_frac":
+            frac = fractional_positions(pos, seq_ids, slots=pooled.shape[1])  # (B, N, 3)
         if self.frac_embed is not None:
-            frac = fractional_features(pos, seq_ids, self.config.frac_pos_freqs, slots=pooled.shape[1])
-            h = h + self.frac_embed(frac.to(h.dtype))
+            h = h + self.frac_embed(fourier_features(frac, self.config.frac_pos_freqs).to(h.dtype))
         if given is not None:
             h = h + given[..., None].to(h.dtype) * self.given_embed
         cond, cond_idx = self.conditioning(t, seq_ids, pooled)
         ctx = self.ctx_embed(self.text_norm(ctx))  # (B, L, D)
         mask = packed_attention_mask(seq_ids, self.config.attn_backend)
         ctx_mask = cross_attention_mask(seq_ids, ctx_ids)
-        rope = self.rope(pos)
+        rope = self.rope(pos, frac)
         for block in self.blocks:
             if self.config.grad_checkpointing and self.training:
                 h = checkpoint(block, h, cond, cond_idx, mask, rope, ctx, ctx_mask, use_reentrant=False)
@@ -200,18 +207,31 @@ class DiT(nn.Module):
         return self.final(h, cond, cond_idx)  # (B, N, P)
 
 
-def fractional_features(pos: torch.Tensor, seq_ids: torch.Tensor, freqs: int, slots: int | None = None) -> torch.Tensor:
-    """(B, N, 3) patch coordinates → (B, N, 6·freqs) Fourier features of each token's fractional
-    position (i + 0.5) / n within its own video, n per axis taken from the video's tokens.
-    slots: video slots per row (default: read from seq_ids, which costs a device sync)."""
+def fractional_positions(pos: torch.Tensor, seq_ids: torch.Tensor, slots: int | None = None) -> torch.Tensor:
+    """(B, N, 3) patch coordinates → (B, N, 3) each token's fractional position (i − i0 + 0.5) / n
+    within its own video, per axis, i0 and n taken from the video's tokens: in (0, 1) wherever the
+    video is placed. slots: video slots per row (default: read from seq_ids, which costs a device sync)."""
     b, n, _ = pos.shape
     slots = int(seq_ids.max()) + 1 if slots is None else slots
     slot = seq_ids.clamp(min=0)[..., None].expand(b, n, 3)  # (B, N, 3)
-    real = pos.masked_fill(seq_ids[..., None] < 0, 0)  # padding must not stretch slot 0
-    extent = pos.new_zeros(b, max(slots, 1), 3).scatter_reduce(1, slot, real, "amax") + 1  # (B, V, 3)
-    frac = (pos.float() + 0.5) / extent.gather(1, slot).float()  # (B, N, 3) in (0, 1)
-    angles = math.pi * frac[..., None] * torch.arange(1, freqs + 1, device=pos.device)  # (B, N, 3, F)
-    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(2)  # (B, N, 6F)
+    pad = seq_ids[..., None] < 0  # padding must not stretch slot 0
+    big = torch.iinfo(pos.dtype).max if not pos.is_floating_point() else float("inf")
+    shape = (b, max(slots, 1), 3)
+    lo = pos.new_full(shape, big).scatter_reduce(1, slot, pos.masked_fill(pad, big), "amin")  # (B, V, 3)
+    hi = pos.new_full(shape, -big).scatter_reduce(1, slot, pos.masked_fill(pad, -big), "amax")
+    lo, hi = lo.gather(1, slot), hi.gather(1, slot)
+    return ((pos - lo).float() + 0.5) / (hi - lo + 1).float()  # (B, N, 3)
+
+
+def fourier_features(frac: torch.Tensor, freqs: int) -> torch.Tensor:
+    """(B, N, 3) fractions → (B, N, 6·freqs) sin/cos of π·k·frac, k = 1..freqs."""
+    angles = math.pi * frac[..., None] * torch.arange(1, freqs + 1, device=frac.device)  # (B, N, 3, F)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(2)
+
+
+def fractional_features(pos: torch.Tensor, seq_ids: torch.Tensor, freqs: int, slots: int | None = None) -> torch.Tensor:
+    """(B, N, 3) patch coordinates → (B, N, 6·freqs) Fourier features of each token's fractional position."""
+    return fourier_features(fractional_positions(pos, seq_ids, slots), freqs)
 
 
 def build_dit(preset: str = "base", **overrides: Any) -> DiT:

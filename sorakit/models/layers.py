@@ -149,6 +149,11 @@ def rope_axes(head_dim: int) -> tuple[int, int, int]:
     return (2 * t, 2 * hw, 2 * hw)
 
 
+# Fractional RoPE coordinates run over [0, FRACTION_SPAN), so that their learned frequencies are of
+# order one, like the integer ones, and Adam moves both at a similar relative rate.
+FRACTION_SPAN = 16.0
+
+
 class AxialRoPE3D(nn.Module):
     """cos/sin tables from integer (t, h, w) token positions; each axis rotates its own channel pairs."""
 
@@ -162,8 +167,8 @@ class AxialRoPE3D(nn.Module):
             freqs = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # (d/2,)
             self.register_buffer(f"freqs{i}", freqs.float(), persistent=False)
 
-    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pos (B, N, 3) → cos, sin (B, 1, N, Dh/2)."""
+    def forward(self, pos: torch.Tensor, frac: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos (B, N, 3) → cos, sin (B, 1, N, Dh/2). frac is unused (one signature for every RoPE)."""
         angles = torch.cat(
             [pos[..., i : i + 1].float() * getattr(self, f"freqs{i}") for i in range(3)], dim=-1
         )  # (B, N, Dh/2)
@@ -178,28 +183,47 @@ class MixedRoPE3D(nn.Module):
     along a line Δw = v·Δt: a head can then match a token to where a moving object was a frame
     earlier, a relation axial RoPE can express only as a sum of separate time and space terms.
     Half the pairs start axial (as `AxialRoPE3D`), half at the same frequency in a random direction.
+
+    fractional: the oblique half turns on the token's fractional position within its video
+    ((i - i0 + 0.5) / n per axis, times `FRACTION_SPAN`) instead of its integer one, starting at
+    half a turn to eight across the video. A motion that crosses a fixed share of the frame over
+    the clip, whatever the clip's size and length, is then one direction in these coordinates,
+    where in integer ones its slope changes with both (under 0.1 to 3 tokens per temporal token
+    across the toy world). The axial half keeps integer positions for the local detail.
     """
 
-    def __init__(self, head_dim: int, heads: int, theta: float = 10000.0, seed: int = 0):
+    def __init__(self, head_dim: int, heads: int, theta: float = 10000.0, seed: int = 0, fractional: bool = False):
         super().__init__()
         axial = AxialRoPE3D(head_dim, theta)
-        freqs = torch.zeros(head_dim // 2, 3)
+        self.fractional = fractional
+        freqs = torch.zeros(head_dim // 2, 6 if fractional else 3)
         start = 0
         for i in range(3):
             f = getattr(axial, f"freqs{i}")
             freqs[start : start + len(f), i] = f
             start += len(f)
-        freqs = freqs.repeat(heads, 1, 1)  # (H, Dh/2, 3)
+        freqs = freqs.repeat(heads, 1, 1)  # (H, Dh/2, 3 or 6)
         g = torch.Generator().manual_seed(seed)
         direction = torch.randn(heads, head_dim // 2, 3, generator=g)
         direction = direction / direction.norm(dim=-1, keepdim=True)
-        mixed = freqs.norm(dim=-1, keepdim=True) * direction
-        freqs[:, 1::2] = mixed[:, 1::2]
+        magnitude = freqs[..., :3].norm(dim=-1, keepdim=True)  # (H, Dh/2, 1)
+        if fractional:
+            # From half a turn to eight across the video (the span of the fractional position
+            # features): theta's low frequencies would barely turn over a fraction.
+            turns = torch.logspace(math.log10(0.5), math.log10(8.0), head_dim // 4)
+            magnitude[:, 1::2, 0] = math.pi * turns / FRACTION_SPAN
+        freqs[:, 1::2] = 0.0
+        freqs[:, 1::2, -3:] = (magnitude * direction)[:, 1::2]
         self.freqs = nn.Parameter(freqs)
 
-    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pos (B, N, 3) → cos, sin (B, H, N, Dh/2)."""
-        angles = torch.einsum("bnc,hpc->bhnp", pos.float(), self.freqs.float())
+    def forward(self, pos: torch.Tensor, frac: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos (B, N, 3), frac (B, N, 3) fractional positions (needed when fractional) → cos, sin (B, H, N, Dh/2)."""
+        coords = pos.float()
+        if self.fractional:
+            if frac is None:
+                raise ValueError("fractional RoPE needs each token's fractional position")
+            coords = torch.cat([coords, frac.float() * FRACTION_SPAN], dim=-1)  # (B, N, 6)
+        angles = torch.einsum("bnc,hpc->bhnp", coords, self.freqs.float())
         return angles.cos(), angles.sin()
 
 

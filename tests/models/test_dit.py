@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sorakit.data.packing import pack, pack_text
-from sorakit.models.dit import DIT_PRESETS, DiT, build_dit, dit_config
+from sorakit.models.dit import DIT_PRESETS, ROPE_KINDS, DiT, build_dit, dit_config, fractional_positions
 from sorakit.models.io import load_pretrained, save_pretrained
 from sorakit.models.layers import AxialRoPE3D, MixedRoPE3D, apply_rope
 
@@ -108,9 +108,44 @@ def test_mixed_rope_starts_half_axial_and_can_follow_a_moving_object():
         assert best == v * gap
 
 
-@pytest.mark.parametrize("rope", ["axial", "mixed"])
+def test_fractional_mixed_rope_follows_one_relative_motion_across_clip_sizes_and_lengths():
+    mixed = MixedRoPE3D(16, heads=1, fractional=True)
+    pos = torch.randint(0, 50, (1, 7, 3))
+    cos, _ = mixed(pos, torch.rand(1, 7, 3))
+    torch.testing.assert_close(cos[..., 0::2], AxialRoPE3D(16)(pos)[0][..., 0::2])  # the axial half: integer positions
+    with pytest.raises(ValueError, match="fractional position"):
+        mixed(pos)
+    # Frequencies along (fraction of the clip, 0, −½ fraction of the frame): "crosses half the frame
+    # over the clip". From a token in the last frame, the best-scoring key in the first frame is half
+    # the frame back, for a short wide clip and a long narrow one alike, at their different slopes.
+    with torch.no_grad():
+        mixed.freqs.zero_()
+        mixed.freqs[0, :, 3:] = torch.tensor([0.5, 0.0, -1.0]) * torch.linspace(0.05, 0.4, 8)[:, None]
+    q = torch.randn(1, 1, 1, 16, generator=torch.Generator().manual_seed(0))
+
+    @torch.no_grad()
+    def score(pq, pk, extent):
+        frac = (torch.tensor([[pq, pk]]).float() + 0.5) / torch.tensor(extent).float()
+        c, s = mixed(torch.tensor([[pq, pk]]), frac)
+        return (apply_rope(q, c[..., :1, :], s[..., :1, :]) * apply_rope(q, c[..., 1:, :], s[..., 1:, :])).sum()
+
+    for frames, width in ((3, 16), (16, 4), (9, 10)):
+        last, w = frames - 1, width - 1
+        best = max(range(width), key=lambda wk: score([last, 2, w], [0, 2, wk], (frames, 5, width)).item())
+        assert abs(best - (w - 0.5 * width * last / frames)) <= 0.5 + 1e-6
+
+
+def test_fractional_positions_do_not_depend_on_where_a_video_is_placed():
+    batch = pack([torch.randn(4, 3, 6, 10)], (1, 2, 2), max_tokens=64)
+    frac = fractional_positions(batch.pos, batch.seq_ids)
+    moved = fractional_positions(batch.pos + torch.tensor([4, 50, 7]), batch.seq_ids)
+    torch.testing.assert_close(moved, frac)
+    assert frac.min() > 0 and frac.max() < 1
+
+
+@pytest.mark.parametrize("rope", ROPE_KINDS)
 def test_model_runs_at_unseen_sizes_and_is_translation_invariant(rope):
-    dit = _randomise(build_dit("tiny", rope=rope))
+    dit = _randomise(build_dit("tiny", rope=rope, frac_pos_freqs=3 if rope == "mixed_frac" else 0))
     z = torch.randn(4, 9, 26, 3)  # odd sizes: patch padding, an aspect far from anything trained
     batch, args = _inputs(dit, [z], [torch.randn(3, 32)])
     out = dit(*args)
