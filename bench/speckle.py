@@ -22,11 +22,6 @@ import numpy as np
 import torch
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 def background_cells(frames: np.ndarray, bg_rgb, factor: int, margin: int = 1) -> torch.Tensor:
     """(H', W') bool: latent cells that no frame's object (or its blur) touches."""
     touched = (np.abs(frames.astype(np.int16) - np.asarray(bg_rgb, dtype=np.int16)).max(-1) > 8).any(0)  # (H, W)
@@ -52,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     from sorakit.generation.evaluate import encoded_clip
     from sorakit.generation.pipeline import load_pipeline
     from sorakit.generation.sampling import GivenLatents, generate_latents
+    from sorakit.training.vae import psnr
 
     torch.manual_seed(args.seed)
     pipe = load_pipeline(args.model)
