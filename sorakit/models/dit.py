@@ -78,6 +78,11 @@ class DiTConfig:
     # frame-relative facts (an object stays inside the frame, a motion spans a fraction of the
     # frame) hard to learn; fractions keep any size and length valid. 0 frequencies = off.
     frac_pos_freqs: int = 0
+    # Prompt-driven co-moving RoPE: each head's spatial positions move with a velocity read from the
+    # pooled text (fractions of the frame per clip, zero at init), so "moving left" can turn a head
+    # into one that matches a token to where the object was a frame earlier. Without it the toy DiT
+    # ignored motion words entirely (docs/benchmarks.md, stop 19).
+    comoving: bool = False
 
     def validate(self) -> None:
         if self.dim % self.heads:
@@ -135,6 +140,7 @@ class DiT(nn.Module):
         self.text_norm = nn.LayerNorm(config.text_dim, elementwise_affine=False, eps=1e-6)
         self.y_embed = Mlp(config.text_dim, d, d)  # pooled text → the adaLN conditioning
         self.ctx_embed = Mlp(config.text_dim, d, d)  # text tokens → cross-attention keys/values
+        self.velocity = nn.Linear(config.text_dim, 2 * config.heads) if config.comoving else None  # (h, w) per head
         if config.rope in ("mixed", "mixed_frac"):
             self.rope = MixedRoPE3D(d // config.heads, config.heads, config.rope_theta, fractional=config.rope == "mixed_frac")
         else:
@@ -148,9 +154,11 @@ class DiT(nn.Module):
     def initialize_weights(self) -> None:
         init_adaln_zero(self)
         nn.init.normal_(self.given_embed, std=0.02)
-        for extra in (self.sc_embed, self.frac_embed):  # start as the network without them
+        for extra in (self.sc_embed, self.frac_embed, self.velocity):  # start as the network without them
             if extra is not None:
                 nn.init.zeros_(extra.weight)
+                if extra.bias is not None:
+                    nn.init.zeros_(extra.bias)
 
     @property
     def patch(self) -> tuple[int, int, int]:
@@ -172,6 +180,21 @@ class DiT(nn.Module):
         cond = self.t_embed(uniq[:, 1]) + self.y_embed(pooled[uniq[:, 0].long()])  # (M, D)
         return cond, inverse.view(seq_ids.shape)
 
+    def comoving_positions(
+        self, pos: torch.Tensor, frac: torch.Tensor, size: torch.Tensor, seq_ids: torch.Tensor, pooled: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head (B, H, N, 3) integer and fractional positions in frames that move with the velocity
+        each head reads from its video's pooled text, so RoPE sees (Δh, Δw) − u·Δt, not (Δh, Δw)."""
+        b, v = pooled.shape[:2]
+        heads = self.config.heads
+        u = self.velocity(self.text_norm(pooled)).view(b, v, heads, 2)  # (B, V, H, 2) frames per clip
+        u = u.gather(1, seq_ids.clamp(min=0)[..., None, None].expand(-1, -1, heads, 2))  # (B, N, H, 2)
+        moved = u * frac[..., None, :1]  # (B, N, H, 2): share of the frame travelled by this token's time
+        still = moved.new_zeros(*moved.shape[:-1], 1)  # time itself does not move
+        frac_h = frac[:, :, None] - torch.cat([still, moved], dim=-1)  # (B, N, H, 3)
+        pos_h = pos.float()[:, :, None] - torch.cat([still, moved * size[:, :, None, 1:]], dim=-1)
+        return pos_h.transpose(1, 2), frac_h.transpose(1, 2)
+
     def forward(
         self,
         x: torch.Tensor,  # (B, N, P) noisy patch tokens
@@ -187,9 +210,10 @@ class DiT(nn.Module):
         h = self.x_embed(x)  # (B, N, D)
         if self.sc_embed is not None and x0_prev is not None:
             h = h + self.sc_embed(x0_prev.to(h.dtype))
-        frac = None
-        if self.frac_embed is not None or self.config.rope == "mixed_frac":
-            frac = fractional_positions(pos, seq_ids, slots=pooled.shape[1])  # (B, N, 3)
+        frac = size = None
+        if self.frac_embed is not None or self.config.rope == "mixed_frac" or self.velocity is not None:
+            origin, size = video_extents(pos, seq_ids, slots=pooled.shape[1])  # (B, N, 3) each
+            frac = fractional_positions(pos, seq_ids, extents=(origin, size))  # (B, N, 3)
         if self.frac_embed is not None:
             h = h + self.frac_embed(fourier_features(frac, self.config.frac_pos_freqs).to(h.dtype))
         if given is not None:
@@ -198,7 +222,8 @@ class DiT(nn.Module):
         ctx = self.ctx_embed(self.text_norm(ctx))  # (B, L, D)
         mask = packed_attention_mask(seq_ids, self.config.attn_backend)
         ctx_mask = cross_attention_mask(seq_ids, ctx_ids)
-        rope = self.rope(pos, frac)
+        rope = self.rope(*self.comoving_positions(pos, frac, size, seq_ids, pooled)) if self.velocity is not None \
+            else self.rope(pos, frac)
         for block in self.blocks:
             if self.config.grad_checkpointing and self.training:
                 h = checkpoint(block, h, cond, cond_idx, mask, rope, ctx, ctx_mask, use_reentrant=False)
@@ -207,10 +232,10 @@ class DiT(nn.Module):
         return self.final(h, cond, cond_idx)  # (B, N, P)
 
 
-def fractional_positions(pos: torch.Tensor, seq_ids: torch.Tensor, slots: int | None = None) -> torch.Tensor:
-    """(B, N, 3) patch coordinates → (B, N, 3) each token's fractional position (i − i0 + 0.5) / n
-    within its own video, per axis, i0 and n taken from the video's tokens: in (0, 1) wherever the
-    video is placed. slots: video slots per row (default: read from seq_ids, which costs a device sync)."""
+def video_extents(pos: torch.Tensor, seq_ids: torch.Tensor, slots: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, 3) patch coordinates → each token's video origin i0 and size n per axis, (B, N, 3) each,
+    taken from the video's own tokens (padding excluded). slots: video slots per row (default: read
+    from seq_ids, which costs a device sync)."""
     b, n, _ = pos.shape
     slots = int(seq_ids.max()) + 1 if slots is None else slots
     slot = seq_ids.clamp(min=0)[..., None].expand(b, n, 3)  # (B, N, 3)
@@ -220,7 +245,20 @@ def fractional_positions(pos: torch.Tensor, seq_ids: torch.Tensor, slots: int | 
     lo = pos.new_full(shape, big).scatter_reduce(1, slot, pos.masked_fill(pad, big), "amin")  # (B, V, 3)
     hi = pos.new_full(shape, -big).scatter_reduce(1, slot, pos.masked_fill(pad, -big), "amax")
     lo, hi = lo.gather(1, slot), hi.gather(1, slot)
-    return ((pos - lo).float() + 0.5) / (hi - lo + 1).float()  # (B, N, 3)
+    return lo, hi - lo + 1
+
+
+def fractional_positions(
+    pos: torch.Tensor,
+    seq_ids: torch.Tensor,
+    slots: int | None = None,
+    extents: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """(B, N, 3) patch coordinates → (B, N, 3) each token's fractional position (i − i0 + 0.5) / n
+    within its own video, per axis: in (0, 1) wherever the video is placed. extents: `video_extents`'
+    result, when already computed."""
+    origin, size = extents if extents is not None else video_extents(pos, seq_ids, slots)
+    return ((pos - origin).float() + 0.5) / size.float()  # (B, N, 3)
 
 
 def fourier_features(frac: torch.Tensor, freqs: int) -> torch.Tensor:

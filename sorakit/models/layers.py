@@ -168,11 +168,14 @@ class AxialRoPE3D(nn.Module):
             self.register_buffer(f"freqs{i}", freqs.float(), persistent=False)
 
     def forward(self, pos: torch.Tensor, frac: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """pos (B, N, 3) → cos, sin (B, 1, N, Dh/2). frac is unused (one signature for every RoPE)."""
+        """pos (B, N, 3), or (B, H, N, 3) per head → cos, sin (B, 1 or H, N, Dh/2). frac is unused
+        (one signature for every RoPE)."""
         angles = torch.cat(
             [pos[..., i : i + 1].float() * getattr(self, f"freqs{i}") for i in range(3)], dim=-1
-        )  # (B, N, Dh/2)
-        return angles.cos()[:, None], angles.sin()[:, None]
+        )  # (B, [H,] N, Dh/2)
+        if pos.dim() == 3:
+            angles = angles[:, None]
+        return angles.cos(), angles.sin()
 
 
 class MixedRoPE3D(nn.Module):
@@ -217,13 +220,17 @@ class MixedRoPE3D(nn.Module):
         self.freqs = nn.Parameter(freqs)
 
     def forward(self, pos: torch.Tensor, frac: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """pos (B, N, 3), frac (B, N, 3) fractional positions (needed when fractional) → cos, sin (B, H, N, Dh/2)."""
+        """pos (B, N, 3) or (B, H, N, 3) per head, frac the same shape of fractional positions (needed
+        when fractional) → cos, sin (B, H, N, Dh/2)."""
         coords = pos.float()
         if self.fractional:
             if frac is None:
                 raise ValueError("fractional RoPE needs each token's fractional position")
-            coords = torch.cat([coords, frac.float() * FRACTION_SPAN], dim=-1)  # (B, N, 6)
-        angles = torch.einsum("bnc,hpc->bhnp", coords, self.freqs.float())
+            coords = torch.cat([coords, frac.float() * FRACTION_SPAN], dim=-1)  # (B, [H,] N, 6)
+        if coords.dim() == 3:
+            angles = torch.einsum("bnc,hpc->bhnp", coords, self.freqs.float())
+        else:
+            angles = torch.einsum("bhnc,hpc->bhnp", coords, self.freqs.float())
         return angles.cos(), angles.sin()
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sorakit.data.packing import pack, pack_text
-from sorakit.models.dit import DIT_PRESETS, ROPE_KINDS, DiT, build_dit, dit_config, fractional_positions
+from sorakit.models.dit import DIT_PRESETS, ROPE_KINDS, DiT, build_dit, dit_config, fractional_positions, video_extents
 from sorakit.models.io import load_pretrained, save_pretrained
 from sorakit.models.layers import AxialRoPE3D, MixedRoPE3D, apply_rope
 
@@ -143,9 +143,10 @@ def test_fractional_positions_do_not_depend_on_where_a_video_is_placed():
     assert frac.min() > 0 and frac.max() < 1
 
 
-@pytest.mark.parametrize("rope", ROPE_KINDS)
+@pytest.mark.parametrize("rope", [*ROPE_KINDS, "mixed+comoving"])
 def test_model_runs_at_unseen_sizes_and_is_translation_invariant(rope):
-    dit = _randomise(build_dit("tiny", rope=rope, frac_pos_freqs=3 if rope == "mixed_frac" else 0))
+    rope, _, comoving = rope.partition("+")
+    dit = _randomise(build_dit("tiny", rope=rope, frac_pos_freqs=3 if rope == "mixed_frac" else 0, comoving=bool(comoving)))
     z = torch.randn(4, 9, 26, 3)  # odd sizes: patch padding, an aspect far from anything trained
     batch, args = _inputs(dit, [z], [torch.randn(3, 32)])
     out = dit(*args)
@@ -223,3 +224,37 @@ def test_fractional_positions_are_relative_to_each_videos_own_extent():
     shared = fractional_features(alone.pos, alone.seq_ids, 3)[0]
     torch.testing.assert_close(shared[:75], feats[l.row, :75])
     torch.testing.assert_close(shared[75:], feats[s.row, :9])
+
+
+def test_comoving_rope_starts_switched_off_and_moves_each_heads_frame_with_the_prompt():
+    fresh = build_dit("tiny", rope="mixed", comoving=True)
+    texts = [torch.randn(3, 32), torch.randn(2, 32)]
+    batch, args = _inputs(fresh, [torch.randn(4, 4, 6, 8), torch.randn(4, 2, 4, 4)], texts)
+    plain = build_dit("tiny", rope="mixed")
+    # Weights large enough for peaked attention, where positions matter.
+    state = {k: torch.randn(v.shape) * 0.5 for k, v in fresh.state_dict().items() if not k.startswith("velocity.")}
+    fresh.load_state_dict(state, strict=False)
+    plain.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(*args), plain(*args), atol=1e-4, rtol=1e-4)  # zero velocity: as without it
+
+        # A velocity of +½ frame per clip in w for every head: the positions RoPE sees slide back by
+        # half the frame's width over the clip, so "half the frame, one clip later" lines up.
+        fresh.velocity.bias.copy_(torch.tensor([0.0, 0.5] * fresh.config.heads))
+        pos, seq_ids, pooled = args[2], args[3], args[6]
+        extents = video_extents(pos, seq_ids)
+        frac = fractional_positions(pos, seq_ids, extents=extents)
+        pos_h, frac_h = fresh.comoving_positions(pos, frac, extents[1], seq_ids, pooled)
+        assert pos_h.shape == (1, fresh.config.heads, pos.shape[1], 3)
+        for head in range(fresh.config.heads):  # time and height do not move
+            torch.testing.assert_close(pos_h[:, head, :, :2], pos[..., :2].float())
+        expected_w = pos[..., 2].float() - 0.5 * frac[..., 0] * extents[1][..., 2].float()
+        torch.testing.assert_close(pos_h[:, 0, :, 2], expected_w)
+        torch.testing.assert_close(frac_h[:, 1, :, 2], frac[..., 2] - 0.5 * frac[..., 0])
+        assert (fresh(*args) - plain(*args)).abs().max() > 1e-3
+
+    # The velocity is read from each video's own pooled text and learns from the loss.
+    fresh.train()
+    fresh.velocity.weight.data.normal_(0, 0.1)
+    fresh(*args).pow(2).mean().backward()
+    assert fresh.velocity.weight.grad.abs().max() > 0
