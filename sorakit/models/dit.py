@@ -222,8 +222,10 @@ class DiT(nn.Module):
         ctx = self.ctx_embed(self.text_norm(ctx))  # (B, L, D)
         mask = packed_attention_mask(seq_ids, self.config.attn_backend)
         ctx_mask = cross_attention_mask(seq_ids, ctx_ids)
-        rope = self.rope(*self.comoving_positions(pos, frac, size, seq_ids, pooled)) if self.velocity is not None \
-            else self.rope(pos, frac)
+        if self.velocity is not None:
+            rope = self.rope(*self.comoving_positions(pos, frac, size, seq_ids, pooled))
+        else:
+            rope = self.rope(pos, frac)
         for block in self.blocks:
             if self.config.grad_checkpointing and self.training:
                 h = checkpoint(block, h, cond, cond_idx, mask, rope, ctx, ctx_mask, use_reentrant=False)

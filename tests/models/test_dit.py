@@ -253,8 +253,15 @@ def test_comoving_rope_starts_switched_off_and_moves_each_heads_frame_with_the_p
         torch.testing.assert_close(frac_h[:, 1, :, 2], frac[..., 2] - 0.5 * frac[..., 0])
         assert (fresh(*args) - plain(*args)).abs().max() > 1e-3
 
-    # The velocity is read from each video's own pooled text and learns from the loss.
-    fresh.train()
+    # Each video's velocity comes from its own text: changing video A's prompt leaves video B alone.
     fresh.velocity.weight.data.normal_(0, 0.1)
+    with torch.no_grad():
+        out = batch.unpack(fresh(*args))
+        _, other = _inputs(fresh, batch.unpack(batch.x), [texts[0] * -3, texts[1]])
+        changed = batch.unpack(fresh(*other[:1], *args[1:4], *other[4:7], args[7]))
+    torch.testing.assert_close(changed[1], out[1], atol=1e-5, rtol=0)
+    assert (changed[0] - out[0]).abs().max() > 1e-3
+    # And it learns from the loss.
+    fresh.train()
     fresh(*args).pow(2).mean().backward()
     assert fresh.velocity.weight.grad.abs().max() > 0
