@@ -60,10 +60,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from sorakit.data.latents import latent_pipeline
     from sorakit.data.packing import pack
-    from sorakit.diffusion import add_noise, alpha_sigma, network_time, to_x0_eps
     from sorakit.data.toyworld import parse_caption
+    from sorakit.diffusion import alpha_sigma, to_x0_eps
     from sorakit.generation.pipeline import load_pipeline
     from sorakit.generation.sampling import encode_text
+    from sorakit.training.dit import noisy_inputs
 
     torch.manual_seed(args.seed)
     pipe = load_pipeline(args.model)
@@ -84,7 +85,6 @@ def main(argv: list[str] | None = None) -> None:
     texts = {name: encode_text(pipe.text_encoder, v, batch, "cpu") for name, v in variants.items()}
     x0, valid = batch.x, batch.valid.float()
     scored = valid * (~batch.given).float()  # given tokens are the input, not a prediction
-    token_given = batch.token_given()
 
     print(f"{args.model}: {len(samples)} moving clips, first latent frame given: {args.given == 'first'}; "
           "x0 error (mean square per value) with the true caption, and each variant's as a ratio to it")
@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     for t in (float(v) for v in args.times.split(",")):
         a, s = alpha_sigma(torch.full((len(samples),), t), cfg)
         alpha, sigma = batch.per_token(a)[..., None], batch.per_token(s)[..., None]
-        x_t = torch.where(batch.given, x0, add_noise(x0, torch.randn_like(x0), alpha, sigma))
-        t_tok = network_time(alpha, sigma)[..., 0].masked_fill(token_given, 0.0)
+        x_t, t_tok, token_given = noisy_inputs(batch, alpha, sigma, torch.randn_like(x0))  # as training feeds them
         err = {}
         for name, text in texts.items():
             with torch.no_grad():

@@ -227,10 +227,9 @@ class MixedRoPE3D(nn.Module):
             if frac is None:
                 raise ValueError("fractional RoPE needs each token's fractional position")
             coords = torch.cat([coords, frac.float() * FRACTION_SPAN], dim=-1)  # (B, [H,] N, 6)
-        if coords.dim() == 3:
-            angles = torch.einsum("bnc,hpc->bhnp", coords, self.freqs.float())
-        else:
-            angles = torch.einsum("bhnc,hpc->bhnp", coords, self.freqs.float())
+        if coords.dim() == 3:  # one position per token, shared by the heads
+            coords = coords[:, None].expand(-1, self.freqs.shape[0], -1, -1)
+        angles = torch.einsum("bhnc,hpc->bhnp", coords, self.freqs.float())  # (B, H, N, Dh/2)
         return angles.cos(), angles.sin()
 
 

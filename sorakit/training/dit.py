@@ -187,6 +187,16 @@ class TextCache:
         return tokens, pooled
 
 
+def noisy_inputs(
+    batch: PackedBatch, alpha: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DiT's noisy tokens x_t, per-token network time and given flags for `batch` noised at
+    (alpha, sigma) (B, N, 1): given elements stay clean, and fully given tokens get time 0."""
+    x_t = torch.where(batch.given, batch.x, alpha * batch.x + sigma * noise)
+    token_given = batch.token_given()
+    return x_t, network_time(alpha, sigma)[..., 0].masked_fill(token_given, 0.0), token_given
+
+
 def diffusion_loss(
     dit: torch.nn.Module,
     batch: PackedBatch,
@@ -206,9 +216,7 @@ def diffusion_loss(
     alpha = batch.per_token(alpha_v.to(x0.device))[..., None]  # (B, N, 1)
     sigma = batch.per_token(sigma_v.to(x0.device))[..., None]
     noise = torch.randn_like(x0)
-    x_t = torch.where(batch.given, x0, alpha * x0 + sigma * noise)
-    token_given = batch.token_given()
-    t_net = network_time(alpha, sigma)[..., 0].masked_fill(token_given, 0.0)
+    x_t, t_net, token_given = noisy_inputs(batch, alpha, sigma, noise)
     args = (x_t, t_net, batch.pos, batch.seq_ids, *text, token_given)
     x0_prev = None
     if getattr(dit.config, "self_condition", False):
