@@ -60,6 +60,11 @@ class VAELossConfig:
     adversarial_weight: float = 0.0  # 0: off
     adversarial_start_step: int = 5000  # the discriminator joins once reconstructions are reasonable
     disc_channels: int = 64
+    # Scale equivariance (EQ-VAE, Kouzelis et al. 2025): also decode the latent average-pooled 2×2 in
+    # space against the frames average-pooled 2×2, so neighbouring latents average to a valid latent
+    # and edges are not written as ringing codes. Weight of that term; 0 = off. On the toy world it
+    # smoothed the latents at equal PSNR, but the toy DiT did worse on them (docs/vae.md).
+    equivariance_weight: float = 0.0
 
 
 @dataclass
@@ -81,6 +86,9 @@ class TrainVAEConfig:
             raise ConfigError("data.image_prob must be between 0 and 1")
         if self.data.batch_size < 1 or self.data.num_frames < 1 or self.data.crop < 1:
             raise ConfigError("data.batch_size, data.num_frames and data.crop must be positive")
+        step = 2 * self.model_config().spatial_factor
+        if self.loss.equivariance_weight > 0 and self.data.crop % step:
+            raise ConfigError(f"loss.equivariance_weight needs data.crop divisible by {step} (twice the VAE's spatial factor)")
 
     def model_config(self) -> VAEConfig:
         return vae_config(self.preset, **self.model)
@@ -227,6 +235,23 @@ def reconstruction_loss(kind: str, recon: torch.Tensor, target: torch.Tensor) ->
     return torch.sqrt((recon - target).pow(2) + 1e-6).mean()  # Charbonnier: smooth L1 near zero
 
 
+def autoencoder_loss(vae: VAE, x: torch.Tensor, lc: VAELossConfig) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """Reconstruction + KL (+ the half-scale equivariance term): (loss, its parts, reconstruction)."""
+    posterior = vae.encode(x)
+    z = posterior.sample()
+    recon = vae.decode(z)
+    rec = reconstruction_loss(lc.reconstruction, recon, x)
+    kl = posterior.kl().mean()
+    loss = rec + lc.kl_weight * kl
+    logs = {"rec": rec, "kl": kl}
+    if lc.equivariance_weight > 0:
+        half = (1, 2, 2)  # space only: time keeps the causal first frame + chunks layout
+        small = vae.decode(F.avg_pool3d(z, half))
+        logs["equivariance"] = reconstruction_loss(lc.reconstruction, small, F.avg_pool3d(x, half))
+        loss = loss + lc.equivariance_weight * logs["equivariance"]
+    return loss, logs, recon
+
+
 def frames_of(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, T, H, W) → (B·T, 3, H, W)."""
     return x.transpose(1, 2).flatten(0, 1)
@@ -267,12 +292,8 @@ class VAEModule(L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         x = to_model_input(batch)  # (B, 3, T, H, W)
-        recon, posterior = self.vae(x)
         lc = self.cfg.loss
-        rec = reconstruction_loss(lc.reconstruction, recon, x)
-        kl = posterior.kl().mean()
-        loss = rec + lc.kl_weight * kl
-        logs = {"rec": rec, "kl": kl}
+        loss, logs, recon = autoencoder_loss(self.vae, x, lc)
         if self._perceptual and lc.perceptual_weight > 0:
             logs["perceptual"] = self._perceptual_loss(x, recon)
             loss = loss + lc.perceptual_weight * logs["perceptual"]

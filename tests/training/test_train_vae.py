@@ -11,12 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sorakit.cli import main
 from sorakit.config import ConfigError, load_config
 from sorakit.models.io import load_pretrained, save_pretrained
 from sorakit.models.vae import VAE
-from sorakit.training.vae import ClipBatcher, TrainVAEConfig, evaluate_vae, psnr, ssim
+from sorakit.training.vae import (
+    ClipBatcher, TrainVAEConfig, VAELossConfig, autoencoder_loss, evaluate_vae, psnr, ssim, to_model_input,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,13 +71,15 @@ def test_training_lowers_the_loss_and_exports_a_model(trained, toy_shards):
 def test_resume_continues_from_the_checkpoint(toy_shards, tmp_path):
     out = tmp_path / "run"
     sets = lambda steps: [a for o in tiny_overrides(toy_shards, out, steps) for a in ("--set", o)]  # noqa: E731
-    assert main(["train", "vae", *sets(5)]) == 0
-    assert main(["train", "vae", *sets(8), "--resume"]) == 0
+    eq = ["--set", "loss.equivariance_weight=1.0"]
+    assert main(["train", "vae", *sets(5), *eq]) == 0
+    assert main(["train", "vae", *sets(8), *eq, "--resume"]) == 0
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["global_step"] == 8
     assert ckpt["elapsed_seconds"] > 0  # the time budget carries over
     steps = [int(r["step"]) for r in read_metrics(out)]
     assert steps == [5, 6, 7]  # the second run started where the first stopped (Lightning rewrites the CSV)
+    assert all(math.isfinite(float(r["equivariance"])) for r in read_metrics(out))  # the half-scale term is on
 
 
 def test_batcher_trims_to_a_common_valid_shape():
@@ -107,6 +112,8 @@ def test_config_errors_are_clear():
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(TrainVAEConfig, None, ["model.no_such_field=1"])
     assert main(["train", "vae", "--set", "preset=tiny"]) == 1  # no data.shards: one-line error
+    with pytest.raises(ConfigError, match="divisible by 8"):  # toy: 4× space, so crops of whole 2×2 latents
+        load_config(TrainVAEConfig, None, ["loss.equivariance_weight=1", "data.crop=44"])
 
 
 def test_psnr_and_ssim_known_values():
@@ -159,3 +166,28 @@ def test_time_budget_schedule_decays_by_time_or_steps():
     assert f(100) == pytest.approx(optim.min_lr_ratio)
     clock["t"] = 1.0
     assert f(900) == plain(900)  # steps ahead of time: steps win
+
+
+def test_equivariance_term_decodes_the_pooled_latent_against_the_pooled_frames(toy_world):
+    """`loss.equivariance_weight` adds w·error(decode(2×2-averaged latent), 2×2-averaged frames) to the
+    loss, and only that (the same posterior draw as the full-size term)."""
+    from sorakit.media import read_video
+    from sorakit.models.vae import vae_config
+
+    clips = [read_video(p)[:5, :32, :32] for p in sorted(toy_world.glob("*.mp4"))[:2]]
+    x = to_model_input(torch.from_numpy(np.stack(clips)))  # (2, 3, 5, 32, 32) in [-1, 1]
+    torch.manual_seed(0)
+    vae = VAE(vae_config("tiny"))
+    plain = VAELossConfig(reconstruction="mse")
+    with_eq = VAELossConfig(reconstruction="mse", equivariance_weight=2.0)
+    half = (1, 2, 2)
+    torch.manual_seed(1)
+    loss0, logs0, _ = autoencoder_loss(vae, x, plain)
+    torch.manual_seed(1)
+    loss1, logs1, _ = autoencoder_loss(vae, x, with_eq)
+    torch.manual_seed(1)
+    z = vae.encode(x).sample()  # the same posterior draw
+    expected = F.mse_loss(vae.decode(F.avg_pool3d(z, half)), F.avg_pool3d(x, half))
+    assert "equivariance" not in logs0
+    torch.testing.assert_close(logs1["equivariance"], expected)
+    torch.testing.assert_close(loss1, loss0 + 2.0 * expected)
