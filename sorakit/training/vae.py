@@ -86,9 +86,6 @@ class TrainVAEConfig:
             raise ConfigError("data.image_prob must be between 0 and 1")
         if self.data.batch_size < 1 or self.data.num_frames < 1 or self.data.crop < 1:
             raise ConfigError("data.batch_size, data.num_frames and data.crop must be positive")
-        step = 2 * self.model_config().spatial_factor
-        if self.loss.equivariance_weight > 0 and self.data.crop % step:
-            raise ConfigError(f"loss.equivariance_weight needs data.crop divisible by {step} (twice the VAE's spatial factor)")
 
     def model_config(self) -> VAEConfig:
         return vae_config(self.preset, **self.model)
@@ -244,10 +241,12 @@ def autoencoder_loss(vae: VAE, x: torch.Tensor, lc: VAELossConfig) -> tuple[torc
     kl = posterior.kl().mean()
     loss = rec + lc.kl_weight * kl
     logs = {"rec": rec, "kl": kl}
-    if lc.equivariance_weight > 0:
-        half = (1, 2, 2)  # space only: time keeps the causal first frame + chunks layout
-        small = vae.decode(F.avg_pool3d(z, half))
-        logs["equivariance"] = reconstruction_loss(lc.reconstruction, small, F.avg_pool3d(x, half))
+    h, w = z.shape[-2] // 2 * 2, z.shape[-1] // 2 * 2  # whole 2×2 latents (batches are multiples of f)
+    if lc.equivariance_weight > 0 and h and w:
+        half, f = (1, 2, 2), vae.spatial_factor  # space only: time keeps the causal first frame + chunks
+        small = vae.decode(F.avg_pool3d(z[..., :h, :w], half))
+        target = F.avg_pool3d(x[..., : h * f, : w * f], half)
+        logs["equivariance"] = reconstruction_loss(lc.reconstruction, small, target)
         loss = loss + lc.equivariance_weight * logs["equivariance"]
     return loss, logs, recon
 
