@@ -39,6 +39,7 @@ from sorakit.data.scenes import SceneConfig
 from sorakit.data.shards import ERRORS_NAME, SHARD_PREFIX, shard_name, write_manifest, write_tar_atomic
 from sorakit.data.sources import Source, expand_inputs
 from sorakit.utils.fs import atomic_write_json, atomic_write_text
+from sorakit.utils.procs import die_with_parent
 
 STATE_DIR = ".ingest"
 _SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -135,11 +136,7 @@ def _init_worker(queue, lock_fd: int) -> None:
     _progress_queue = queue
     # Let go of the parent's node lock, so the lock dies with the parent however the workers end.
     os.close(lock_fd)
-    with contextlib.suppress(Exception):  # Linux: die with the parent, so a killed run leaves no writer behind
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    die_with_parent()
 
 
 def _report(inputs: int, clips: int, nbytes: int) -> None:

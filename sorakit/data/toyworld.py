@@ -211,7 +211,9 @@ def make_toyworld(
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(str(out), i, split, clip_seed(seed, i, split)) for i in range(num_clips)]
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        from sorakit.utils.procs import die_with_parent
+
+        with ProcessPoolExecutor(workers, initializer=die_with_parent) as pool:
             names = []
             for name in pool.map(_write_one, jobs, chunksize=8):
                 names.append(name)
