@@ -93,6 +93,8 @@ def encode(
     fps: Optional[float] = typer.Option(EncodeSettings.fps, "--fps", help="Resample clips to this frame rate first (default: their own)."),
     workers: int = typer.Option(EncodeSettings.workers, "--workers", "-j", min=1, help="Processes, each encoding whole shards."),
     device: str = typer.Option(EncodeSettings.device, "--device", help=DEVICE_HELP),
+    features: Optional[Path] = typer.Option(None, "--features", help="A captioner directory: also store its vision features per latent frame (for `repa` in DiT training)."),
+    feature_stride: int = typer.Option(EncodeSettings.feature_stride, "--feature-stride", min=1, help="Latent pixels per feature cell: the DiT's spatial patch."),
 ):
     """Encode raw shards into latent shards for DiT training; rerun the same command to resume."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -102,7 +104,8 @@ def encode(
 
     src_manifest = read_manifest(shards) if Path(shards).is_dir() else None
     total = src_manifest["totals"]["samples"] if src_manifest else None
-    settings = EncodeSettings(max_frames=max_frames, fps=fps, device=device, workers=workers)
+    settings = EncodeSettings(max_frames=max_frames, fps=fps, device=device, workers=workers,
+                              features=str(features.resolve()) if features else None, feature_stride=feature_stride)
     columns = [TextColumn("encode"), BarColumn(), MofNCompleteColumn(), TextColumn("clips"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("encode", total=total)

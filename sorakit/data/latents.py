@@ -9,6 +9,11 @@ sample `KEY.latent.safetensors` (tensor "latent", float16), `KEY.json` (the inpu
 `latent_shape`, `encoded_frames`, `encoded_fps`) and `KEY.txt` (caption, when known). The manifest
 records the VAE (absolute path and config) and the counts; `errors.jsonl` lists skipped samples.
 
+With `features` (a captioner directory), each sample also gets `KEY.vision.safetensors`: the
+captioner's image-tower features of the frame each latent frame ends on, float16 (Wv, T', H'/s, W'/s)
+on cells of `feature_stride` = s latent pixels (set s to the DiT's spatial patch), which a DiT trained
+with representation alignment (REPA) learns to predict from noisy latents.
+
 Resuming: each shard is written atomically, then a record `LATENT_DIR/.encode/done/NAME.json`
 (count, errors). A shard without its record is encoded again, so a killed run can simply be rerun.
 """
@@ -28,6 +33,8 @@ log = logging.getLogger(__name__)
 
 LATENT_MEMBER = "latent.safetensors"
 LATENT_KEY = "latent"  # tensor name inside the safetensors member
+FEATURES_MEMBER = "vision.safetensors"
+FEATURES_KEY = "features"
 STATE_DIR = ".encode"
 MANIFEST_KIND = "latents"
 
@@ -38,6 +45,8 @@ class EncodeSettings:
     fps: float | None = None  # resample clips to this rate first (None: their own)
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     workers: int = 1  # processes, each encoding whole shards
+    features: str | None = None  # a captioner directory: also store its vision features per latent frame
+    feature_stride: int = 2  # latent pixels per feature cell (the DiT's spatial patch)
 
     def validate(self) -> None:
         if self.max_frames is not None and self.max_frames < 1:
@@ -46,6 +55,8 @@ class EncodeSettings:
             raise ValueError(f"fps must be positive, got {self.fps}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if self.feature_stride < 1:
+            raise ValueError(f"feature_stride must be at least 1, got {self.feature_stride}")
 
 
 @dataclass
@@ -71,27 +82,38 @@ def resolve_device(device: str) -> str:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(model_dir: str, device: str, threads: int) -> None:
+def _init_worker(model_dir: str, device: str, threads: int, features: str | None = None) -> None:
     import torch
 
     from sorakit.models.io import load_pretrained
+    from sorakit.utils.procs import die_with_parent
 
+    die_with_parent()
     if threads:
         torch.set_num_threads(threads)
-    _WORKER["vae"] = load_pretrained(model_dir, kind="vae", map_location=device)
-    _WORKER["vae"].to(device)
+    _WORKER["vae"] = load_pretrained(model_dir, kind="vae", map_location=device).to(device)
+    _WORKER["captioner"] = None
+    if features:
+        _WORKER["captioner"] = load_pretrained(features, kind="captioner", map_location=device).to(device).eval()
+
+
+def tensor_bytes(x, key: str) -> bytes:
+    """A tensor as a safetensors member (float16)."""
+    from safetensors.torch import save
+
+    return save({key: x.detach().to("cpu").half().contiguous()})
 
 
 def latent_bytes(latent) -> bytes:
     """A latent (C, T', H', W') as a safetensors member (float16)."""
-    from safetensors.torch import save
-
-    return save({LATENT_KEY: latent.detach().to("cpu").half().contiguous()})
+    return tensor_bytes(latent, LATENT_KEY)
 
 
-def encode_sample(vae, members: dict[str, bytes], settings: EncodeSettings) -> dict[str, Any]:
+def encode_sample(vae, members: dict[str, bytes], settings: EncodeSettings, captioner=None) -> dict[str, Any]:
     """Raw sample members → latent sample members. Raises on a broken clip."""
     import json
+
+    import numpy as np
 
     from sorakit.data.reader import _caption, _video_bytes
     from sorakit.media import iter_frames
@@ -101,20 +123,35 @@ def encode_sample(vae, members: dict[str, bytes], settings: EncodeSettings) -> d
     if not isinstance(meta, dict):
         raise ValueError("json member is not an object")
     counted = {"n": 0}
+    ends: list = []  # the frame each latent frame ends on (frame k·t), for the vision features
+    last: list = []
 
     def frames() -> Iterator:
         for frame in iter_frames(_video_bytes(members), fps=settings.fps, max_frames=settings.max_frames):
+            if captioner is not None:
+                if counted["n"] % vae.temporal_factor == 0:
+                    ends.append(frame)
+                last[:] = [frame]
             counted["n"] += 1
             yield frame
 
     latent = vae.encode_video(frames())
     meta["latent_shape"] = list(latent.shape)
+    out: dict[str, Any] = {LATENT_MEMBER: latent_bytes(latent)}
+    if captioner is not None:
+        _, t, h, w = latent.shape
+        ends += last * (t - len(ends))  # the VAE pads the last group by repeating the last frame
+        s = settings.feature_stride
+        grid = (-(-h // s), -(-w // s))
+        feats = captioner.frame_features(np.stack(ends[:t]), cell=s * vae.spatial_factor, grid=grid)
+        out[FEATURES_MEMBER] = tensor_bytes(feats, FEATURES_KEY)
+        meta["features_shape"] = list(feats.shape)
     meta["encoded_frames"] = counted["n"]
     if settings.fps or not meta.get("fps"):
         meta["encoded_fps"] = settings.fps
     else:
         meta["encoded_fps"] = meta["fps"]
-    out: dict[str, Any] = {LATENT_MEMBER: latent_bytes(latent), "json": meta}
+    out["json"] = meta
     caption = _caption(members, meta)
     if caption:
         out["txt"] = caption
@@ -126,6 +163,7 @@ def encode_shard(shard: str, out_dir: str, settings: EncodeSettings, vae=None) -
     from sorakit.data.shards import iter_tar_samples, write_tar_atomic
 
     vae = vae or _WORKER["vae"]
+    captioner = _WORKER.get("captioner")
     errors: list[dict] = []
     name = Path(shard).name
 
@@ -133,7 +171,7 @@ def encode_shard(shard: str, out_dir: str, settings: EncodeSettings, vae=None) -
         try:
             for key, members in iter_tar_samples(shard):
                 try:
-                    yield key, encode_sample(vae, members, settings)
+                    yield key, encode_sample(vae, members, settings, captioner)
                 except Exception as e:  # one broken clip never stops the job
                     errors.append({"shard": name, "key": key, "reason": f"{type(e).__name__}: {e}"})
         except Exception as e:  # a truncated or corrupt tar: keep what was read
@@ -214,7 +252,7 @@ def encode_shards(
         todo = [p for p in paths if not (out / STATE_DIR / "done" / f"{p.name}.json").is_file()]
         workers = min(settings.workers, max(1, len(todo)))
         if workers <= 1:
-            _init_worker(str(model_dir), device, 0)
+            _init_worker(str(model_dir), device, 0, settings.features)
             for p in todo:
                 try:
                     rec = encode_shard(str(p), str(out), settings)
@@ -230,7 +268,7 @@ def encode_shards(
             threads = max(1, (os.cpu_count() or 1) // workers)
             # spawn: a forked copy of a process that already ran torch threads can deadlock.
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                     initargs=(str(model_dir), device, threads)) as pool:
+                                     initargs=(str(model_dir), device, threads, settings.features)) as pool:
                 futures = {pool.submit(encode_shard, str(p), str(out), settings): p.name for p in todo}
                 pending = set(futures)
                 while pending:
@@ -272,12 +310,16 @@ def decode_latent_sample(sample: dict) -> dict:
     if LATENT_MEMBER not in sample:
         raise ValueError(f"no {LATENT_MEMBER} member")
     latent = load(sample[LATENT_MEMBER])[LATENT_KEY].float()
+    features = load(sample[FEATURES_MEMBER])[FEATURES_KEY].float() if FEATURES_MEMBER in sample else None
     meta = json.loads(sample["json"]) if sample.get("json") else {}
     txt = sample.get("txt")
     caption = txt.decode("utf-8").strip() if isinstance(txt, bytes) else None
     caption = caption or (meta.get("caption") if isinstance(meta.get("caption"), str) else None)
     meta["shard"] = str(sample.get("__url__", ""))
-    return {"key": sample["__key__"], "latent": latent, "caption": caption, "meta": meta}
+    out = {"key": sample["__key__"], "latent": latent, "caption": caption, "meta": meta}
+    if features is not None:
+        out["features"] = features  # (Wv, T', H'/s, W'/s)
+    return out
 
 
 def _decode_stage(src: Iterable[dict]) -> Iterator[dict]:

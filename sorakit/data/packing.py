@@ -13,6 +13,8 @@
   configured weighting, so a long video counts as configured, not by its token count by accident.
 * `packed_batches` turns a stream of latent samples (the latent-shard reader) into packed batches,
   keeping a pool of videos so that rows fill up; every batch reports its token utilisation.
+* Per-video feature maps (Dv, T', h, w) (the captioner's vision features, for REPA) are resampled
+  to each video's token grid and packed beside its tokens (`PackedBatch.features`).
 """
 
 from __future__ import annotations
@@ -79,26 +81,41 @@ def kept_tokens(n: int, drop_rate: float) -> int:
     return max(1, round(n * (1.0 - drop_rate)))
 
 
-def fit_latent_frames(
-    latent: torch.Tensor, patch: Patch, max_tokens: int, rng: random.Random | None = None
-) -> torch.Tensor:
-    """A random window of whole temporal patches of `latent` (C, T, H, W) with at most `max_tokens` tokens.
+def token_features(features: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """A feature map (Dv, T, h, w) → (nt·nh·nw, Dv) one row per token of a `grid`, in `patchify`'s
+    order: trilinear resampling, which averages the pt frames of a temporal patch when T = nt·pt."""
+    f = torch.nn.functional.interpolate(features[None].float(), size=grid, mode="trilinear", align_corners=False)
+    return f[0].flatten(1).T  # (n, Dv)
+
+
+# Per-sample tensors laid out (·, T', ...) along latent frames: a temporal window cuts them together.
+TIME_ALIGNED: tuple[str, ...] = ("latent", "features")
+
+
+def cut_frames(sample: dict, frames: slice) -> dict:
+    """`sample` with its time-aligned tensors ("latent", "features") cut to the latent frames `frames`."""
+    return {**sample, **{k: sample[k][:, frames] for k in TIME_ALIGNED if sample.get(k) is not None}}
+
+
+def frame_window(shape: Sequence[int], patch: Patch, max_tokens: int, rng: random.Random | None = None) -> slice:
+    """A random window of whole temporal patches of a (C, T, H, W) latent with at most `max_tokens`
+    tokens (all of it when it fits).
 
     Raises ValueError when even one temporal patch is larger than `max_tokens`.
     """
-    nt, nh, nw = token_grid(latent.shape, patch)
+    nt, nh, nw = token_grid(shape, patch)
     per_step = nh * nw
     if per_step > max_tokens:
         raise ValueError(
-            f"a latent of {tuple(latent.shape[-2:])} spatial size has {per_step} tokens per frame, "
+            f"a latent of {tuple(shape[-2:])} spatial size has {per_step} tokens per frame, "
             f"more than max_tokens={max_tokens}"
         )
     steps = max_tokens // per_step
     if steps >= nt:
-        return latent
+        return slice(None)
     start = (rng or random).randrange(nt - steps + 1)
     pt = patch[0]
-    return latent[:, start * pt : (start + steps) * pt]
+    return slice(start * pt, (start + steps) * pt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,6 +163,7 @@ class PackedBatch:
     given: torch.Tensor  # (B, N, P) bool: a given (clean context) latent element
     videos: list[VideoSlot] = field(default_factory=list)  # in the order the videos were given
     patch: Patch = (1, 1, 1)
+    features: torch.Tensor | None = None  # (B, N, Dv) each token's vision features (REPA), 0 on padding
 
     @property
     def capacity(self) -> int:
@@ -191,6 +209,7 @@ class PackedBatch:
         return PackedBatch(
             self.x.to(device, **kwargs), self.pos.to(device, **kwargs), self.seq_ids.to(device, **kwargs),
             self.valid.to(device, **kwargs), self.given.to(device, **kwargs), self.videos, self.patch,
+            None if self.features is None else self.features.to(device, **kwargs),
         )
 
 
@@ -204,18 +223,22 @@ def pack(
     generator: torch.Generator | None = None,
     pad_to_capacity: bool = False,
     bins: Sequence[Sequence[int]] | None = None,
+    features: Sequence[torch.Tensor] | None = None,
 ) -> PackedBatch:
     """Pack latents (C, T, H, W) of any shapes into rows of at most `max_tokens` tokens.
 
-    `given_frames[i]` is a (T,) bool mask of video i's given latent frames. `max_tokens=None` makes
-    the row capacity the largest video's token count. Rows are `max_tokens` long when
+    `given_frames[i]` is a (T,) bool mask of video i's given latent frames. `features[i]` is a
+    feature map (Dv, T, h, w) of video i (any h, w), resampled to its token grid (`token_features`).
+    `max_tokens=None` makes the row capacity the largest video's token count. Rows are `max_tokens` long when
     `pad_to_capacity` (static shapes for compiled kernels), else as long as the fullest row.
     `bins` gives the rows' video indices explicitly (default: first-fit-decreasing).
     """
     if not latents:
         raise ValueError("pack needs at least one latent")
     patch = tuple(patch)
-    toks, valids, givens, poss, keeps, shapes = [], [], [], [], [], []
+    if features is not None and len(features) != len(latents):
+        raise ValueError(f"features: {len(features)} maps for {len(latents)} latents")
+    toks, valids, givens, poss, keeps, shapes, feats = [], [], [], [], [], [], []
     for i, z in enumerate(latents):
         if z.dim() != 4:
             raise ValueError(f"latent {i} must be (C, T, H, W), got shape {tuple(z.shape)}")
@@ -228,13 +251,21 @@ def pack(
             if g.shape != (z.shape[1],):
                 raise ValueError(f"given_frames[{i}] must have one flag per latent frame ({z.shape[1]}), got {tuple(g.shape)}")
             given = patchify(g.to(device=z.device, dtype=torch.bool)[None, :, None, None].expand_as(z), patch) & valid
-        pos = grid_positions(token_grid(z.shape, patch), z.device)
+        grid = token_grid(z.shape, patch)
+        pos = grid_positions(grid, z.device)
+        if features is not None:
+            if features[i].dim() != 4 or features[i].shape[1] != z.shape[1]:
+                raise ValueError(f"features[{i}] must be (Dv, {z.shape[1]}, h, w) like its latent, "
+                                 f"got {tuple(features[i].shape)}")
+            feats.append(token_features(features[i].to(z.device), grid))
         keep = None
         rate = drop_rates[i] if drop_rates is not None else 0.0
         if rate > 0:
             n = tok.shape[0]
             keep = torch.randperm(n, generator=generator)[: kept_tokens(n, rate)].sort().values.to(z.device)
             tok, valid, given, pos = tok[keep], valid[keep], given[keep], pos[keep]
+            if feats:
+                feats[-1] = feats[-1][keep]
         toks.append(tok), valids.append(valid), givens.append(given), poss.append(pos), keeps.append(keep)
         shapes.append(tuple(int(s) for s in z.shape))
     lengths = [t.shape[0] for t in toks]
@@ -253,6 +284,7 @@ def pack(
     seq_ids = torch.full((b_rows, n_row), -1, dtype=torch.long, device=ref.device)
     valid = torch.zeros(b_rows, n_row, p, dtype=torch.bool, device=ref.device)
     given = torch.zeros_like(valid)
+    feat = x.new_zeros(b_rows, n_row, feats[0].shape[1], dtype=torch.float32) if feats else None
     slots: list[VideoSlot | None] = [None] * len(latents)
     for r, members in enumerate(bins):
         start = 0
@@ -263,9 +295,11 @@ def pack(
             seq_ids[r, start : start + n] = s
             valid[r, start : start + n] = valids[i]
             given[r, start : start + n] = givens[i]
+            if feat is not None:
+                feat[r, start : start + n] = feats[i]
             slots[i] = VideoSlot(r, s, start, n, shapes[i], keeps[i])
             start += n
-    return PackedBatch(x, pos, seq_ids, valid, given, slots, patch)
+    return PackedBatch(x, pos, seq_ids, valid, given, slots, patch, feat)
 
 
 def pack_text(
@@ -383,6 +417,7 @@ def packed_batches(
                 given_frames=[s.get("given") for s, _, _ in items],
                 drop_rates=[r for _, r, _ in items], generator=gen, pad_to_capacity=True,
                 bins=[[local[i] for i in b] for b in bins],
+                features=[s["features"] for s, _, _ in items] if all("features" in s for s, _, _ in items) else None,
             )
             if batch.seq_ids.shape[0] < rows:  # fewer bins than rows: keep B fixed
                 extra = rows - batch.seq_ids.shape[0]
@@ -397,9 +432,9 @@ def packed_batches(
                 break
 
     for sample in samples:
-        z = fit_latent_frames(sample["latent"], patch, max_tokens, rng)
-        if z is not sample["latent"]:
-            sample = {**sample, "latent": z}
+        window = frame_window(sample["latent"].shape, patch, max_tokens, rng)
+        if window != slice(None):
+            sample = cut_frames(sample, window)
         if transform is not None:
             sample = transform(sample, rng)
             if sample is None:
@@ -418,4 +453,5 @@ def _add_empty_rows(batch: PackedBatch, extra: int) -> PackedBatch:
     return PackedBatch(
         grow(batch.x, 0), grow(batch.pos, 0), grow(batch.seq_ids, -1), grow(batch.valid, False),
         grow(batch.given, False), batch.videos, batch.patch,
+        None if batch.features is None else grow(batch.features, 0),
     )

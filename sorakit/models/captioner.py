@@ -291,6 +291,33 @@ class VideoCoCa(nn.Module):
         video_tokens = self.gen_ln(self.gen_pool(tokens))  # (B, Q, Wt)
         return F.normalize(pooled, dim=-1), video_tokens
 
+    @torch.no_grad()
+    def frame_features(self, frames: np.ndarray | torch.Tensor, cell: float, grid: tuple[int, int]) -> torch.Tensor:
+        """uint8 frames (T, H, W, 3) at native size → the image tower's patch features (Wv, T, gh, gw),
+        each frame on its own, read (bilinearly) at the centres of a gh × gw grid of `cell`-pixel
+        cells laid from the frame's top-left corner; centres past the frame's edge read the edge.
+
+        What a from-scratch captioner learned to see, per place and frame: the target of a DiT's
+        representation alignment (REPA, `sorakit.training.dit`).
+        """
+        frames = torch.as_tensor(frames)
+        t, h, w = frames.shape[:3]
+        size, patch = self.config.vision.image_size, self.config.vision.patch_size
+        x = (letterbox(frames, size).to(self.mean.device).float() - self.mean) / self.std  # (T, 3, S, S)
+        tokens = self.frame_tokens(x, 1)[:, 0, 1:]  # (T, N, Wv), class token dropped
+        g = size // patch
+        fmap = tokens.transpose(1, 2).reshape(t, -1, g, g)  # (T, Wv, g, g)
+        # Cell centres in native pixels → letterbox pixels (as `letterbox` places the frame) → [-1, 1].
+        scale = size / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        top, left = (size - nh) // 2, (size - nw) // 2
+        ys = ((torch.arange(grid[0]) + 0.5) * cell).clamp(max=h - 0.5) * (nh / h) + top
+        xs = ((torch.arange(grid[1]) + 0.5) * cell).clamp(max=w - 0.5) * (nw / w) + left
+        yy, xx = torch.meshgrid(ys / size * 2 - 1, xs / size * 2 - 1, indexing="ij")
+        where = torch.stack([xx, yy], dim=-1).to(fmap)[None].expand(t, -1, -1, -1)  # (T, gh, gw, 2) as (x, y)
+        out = F.grid_sample(fmap, where, mode="bilinear", padding_mode="border", align_corners=False)  # (T, Wv, gh, gw)
+        return out.transpose(0, 1)
+
     def encode_text(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids (B, L) -> (normalised embedding (B, E), causal token states (B, L, Wt))."""
         latent, token_states = self.text(ids)

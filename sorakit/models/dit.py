@@ -3,6 +3,7 @@
     dit = DiT(dit_config("toy", in_channels=4, text_dim=128))      # or load_pretrained(dir, kind="dit")
     pred = dit(x, t, pos, seq_ids, ctx, ctx_ids, pooled, given)   # (B, N, P), see `forward`
     pred = dit(..., x0_prev=x0_hat)                                  # with self_condition: the last estimate
+    pred, h = dit(..., hidden_at=2)                                  # and the tokens after block 2 (REPA)
 
 The input is a packed batch (`sorakit.data.packing.pack`): latents of any shape (C, T', H', W')
 cut into spacetime patches of (pt, ph, pw) latent elements, each patch flattened to
@@ -206,7 +207,8 @@ class DiT(nn.Module):
         pooled: torch.Tensor,  # (B, V, Dt) pooled text per video slot
         given: torch.Tensor | None = None,  # (B, N) bool: the token is clean context
         x0_prev: torch.Tensor | None = None,  # (B, N, P) previous x0 estimate (self-conditioning)
-    ) -> torch.Tensor:
+        hidden_at: int = 0,  # also return the tokens (B, N, D) after this many blocks (0: only the prediction)
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         h = self.x_embed(x)  # (B, N, D)
         if self.sc_embed is not None and x0_prev is not None:
             h = h + self.sc_embed(x0_prev.to(h.dtype))
@@ -226,12 +228,16 @@ class DiT(nn.Module):
             rope = self.rope(*self.comoving_positions(pos, frac, size, seq_ids, pooled))
         else:
             rope = self.rope(pos, frac)
-        for block in self.blocks:
+        hidden = None
+        for i, block in enumerate(self.blocks):
             if self.config.grad_checkpointing and self.training:
                 h = checkpoint(block, h, cond, cond_idx, mask, rope, ctx, ctx_mask, use_reentrant=False)
             else:
                 h = block(h, cond, cond_idx, mask, rope, ctx, ctx_mask)
-        return self.final(h, cond, cond_idx)  # (B, N, P)
+            if i + 1 == hidden_at:
+                hidden = h
+        out = self.final(h, cond, cond_idx)  # (B, N, P)
+        return (out, hidden) if hidden_at else out
 
 
 def video_extents(pos: torch.Tensor, seq_ids: torch.Tensor, slots: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,12 @@
   context (time 0, the model's "given" flag) and are left out of the loss.
 * Loss: the parametrisation's target (`diffusion`), optional min-SNR weights, averaged per video and
   then over videos (`data.video_weighting`).
+* Representation alignment (`repa`, REPA: Yu et al. 2024, "Representation Alignment for Generation"):
+  an MLP maps the DiT's tokens after `repa.depth` blocks onto the captioner's vision features of the
+  clean clip at that place and frame (stored by `sorakit encode --features`), and `repa.weight` ×
+  (1 − cosine similarity) joins the loss. From noisy latents the DiT must say what is where, so what
+  the features tell apart reaches it as a direct target, not only through the few latent values in
+  which it shows. The projector is training-only.
 * Trainer, optimiser, EMA, checkpoints and `--resume` come from `sorakit.training.common`.
 
 Output: OUT is a pipeline directory (`pipeline.json`, `dit/` with EMA weights when EMA is on,
@@ -37,7 +43,7 @@ import lightning as L
 import torch
 
 from sorakit.config import ConfigError, from_dict, save_config, to_dict
-from sorakit.data.packing import VIDEO_WEIGHTINGS, PackedBatch, pack_text, packed_batches, per_video_loss
+from sorakit.data.packing import VIDEO_WEIGHTINGS, PackedBatch, cut_frames, pack_text, packed_batches, per_video_loss
 from sorakit.diffusion import (
     DiffusionConfig,
     alpha_sigma,
@@ -83,6 +89,11 @@ class DiTDataConfig:
     drop_rate: float = 0.0  # NaViT token dropping (0 = off)
     drop_schedule: str = "constant"  # constant: every video drops drop_rate; uniform: U(0, drop_rate) per video
     caption_dropout: float = 0.1  # trains the unconditional branch for classifier-free guidance
+    # Joint image-video training from the same clips (Latte's video-image joint training; Sora and
+    # Open-Sora train on images as 1-frame videos): this share of samples is cut to one temporal patch
+    # (pt latent frames) at a random time and trains as text-to-image. A row then holds many more
+    # examples of what things look like, at the cost of fewer clips that show how they move.
+    image_share: float = 0.0
     video_weighting: str = "video"  # loss weight of a video: video (equal), sqrt (√tokens), token
     text_cache: int = 4096  # captions whose embeddings are memoised (LRU)
 
@@ -91,8 +102,8 @@ class DiTDataConfig:
             raise ConfigError(f"data.video_weighting must be one of {', '.join(VIDEO_WEIGHTINGS)}")
         if self.drop_schedule not in ("constant", "uniform"):
             raise ConfigError("data.drop_schedule must be constant or uniform")
-        if not 0 <= self.drop_rate < 1 or not 0 <= self.caption_dropout <= 1:
-            raise ConfigError("data.drop_rate must be in [0, 1) and data.caption_dropout in [0, 1]")
+        if not 0 <= self.drop_rate < 1 or not 0 <= self.caption_dropout <= 1 or not 0 <= self.image_share <= 1:
+            raise ConfigError("data.drop_rate must be in [0, 1), data.caption_dropout and data.image_share in [0, 1]")
         if self.max_tokens < 1 or self.rows < 1 or self.pool_size < 1:
             raise ConfigError("data.max_tokens, data.rows and data.pool_size must be positive")
 
@@ -113,6 +124,20 @@ class SamplesConfig:
 
 
 @dataclass
+class RepaConfig:
+    """Representation alignment; needs latent shards encoded with `--features`."""
+
+    weight: float = 0.0  # λ on (1 − cos); 0 = off (REPA uses 0.5)
+    depth: int = 2  # align the tokens after this many blocks (REPA: about a third of the depth)
+    hidden: int = 512  # width of the projector MLP
+    dim: int = 0  # feature width; 0 = read from the latent shards' manifest
+
+    def validate(self) -> None:
+        if self.weight < 0 or self.depth < 1 or self.hidden < 1 or self.dim < 0:
+            raise ConfigError("repa: weight must be >= 0, depth and hidden >= 1, dim >= 0")
+
+
+@dataclass
 class TrainDiTConfig:
     preset: str = "toy"  # model size: tiny, toy, base, large (sorakit.models.dit.DIT_PRESETS)
     model: dict[str, Any] = field(default_factory=dict)  # overrides of the preset, e.g. {depth: 8}
@@ -122,6 +147,7 @@ class TrainDiTConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DiTDataConfig = field(default_factory=DiTDataConfig)
     masks: MaskConfig = field(default_factory=MaskConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -197,6 +223,29 @@ def noisy_inputs(
     return x_t, network_time(alpha, sigma)[..., 0].masked_fill(token_given, 0.0), token_given
 
 
+class RepaProjector(torch.nn.Module):
+    """REPA's head: the DiT's tokens (B, N, D) after `depth` blocks → the vision features' space."""
+
+    def __init__(self, dim: int, cfg: RepaConfig):
+        super().__init__()
+        from sorakit.models.layers import Mlp
+
+        self.depth, self.weight = cfg.depth, cfg.weight
+        self.mlp = Mlp(dim, cfg.hidden, cfg.dim)
+        self.last_loss: torch.Tensor | None = None  # the latest alignment loss, for the training log
+
+    def forward(self, hidden: torch.Tensor, batch: PackedBatch, weighting: str) -> torch.Tensor:
+        """The alignment loss: 1 − cos(projected tokens, features), averaged per video, then over videos,
+        on the tokens the denoising loss covers (not padding, not fully given)."""
+        if batch.features is None:
+            raise ValueError("repa is on but the batch has no vision features (encode the shards with --features)")
+        cos = torch.nn.functional.cosine_similarity(self.mlp(hidden).float(), batch.features, dim=-1)  # (B, N)
+        keep = batch.valid.any(-1) & ~batch.token_given()
+        loss = per_video_loss((1 - cos)[..., None], keep[..., None], batch, weighting)[0]
+        self.last_loss = loss.detach()
+        return loss
+
+
 def diffusion_loss(
     dit: torch.nn.Module,
     batch: PackedBatch,
@@ -204,10 +253,13 @@ def diffusion_loss(
     cfg: DiffusionConfig,
     weighting: str = "video",
     self_cond_prob: float = 0.5,
+    repa: RepaProjector | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise each video at its own (shifted) time, predict, and average the loss per video then over
     videos; given elements stay clean (time 0 for fully given tokens) and carry no loss.
-    self_cond_prob: for a self-conditioned DiT, the share of videos that see its own first estimate."""
+    self_cond_prob: for a self-conditioned DiT, the share of videos that see its own first estimate.
+    repa: adds its weight × the alignment loss of the tokens after its depth (the per-video means
+    returned are the denoising loss's)."""
     x0 = batch.x
     nv = len(batch.videos)
     positions = torch.tensor([v.shape[1] * v.shape[2] * v.shape[3] for v in batch.videos], dtype=torch.float32)
@@ -230,10 +282,15 @@ def diffusion_loss(
                 first = dit(*args, x0_prev=x0_prev).float()
             estimate = self_condition_input(first, x_t, alpha, sigma, cfg.parametrisation, (batch.given, x0))
             x0_prev = torch.where(use, estimate, x0_prev)
-    pred = dit(*args, x0_prev=x0_prev)
+    pred = dit(*args, x0_prev=x0_prev, hidden_at=repa.depth if repa is not None else 0)
+    if repa is not None:
+        pred, hidden = pred
     err = (pred.float() - target(x0, noise, alpha, sigma, cfg.parametrisation)) ** 2
     err = err * loss_weight(alpha, sigma, cfg)
-    return per_video_loss(err, batch.valid & ~batch.given, batch, weighting)
+    loss, per_video = per_video_loss(err, batch.valid & ~batch.given, batch, weighting)
+    if repa is not None:
+        loss = loss + repa.weight * repa(hidden, batch, weighting)
+    return loss, per_video
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,6 +305,7 @@ class DiTModule(L.LightningModule):
 
         self.cfg = cfg
         self.dit = DiT(model_config)
+        self.repa = RepaProjector(model_config.dim, cfg.repa) if cfg.repa.weight > 0 else None
         self._t0: float | None = None
 
     def setup(self, stage: str) -> None:
@@ -256,9 +314,12 @@ class DiTModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         packed: PackedBatch = batch["batch"]
-        loss, _ = diffusion_loss(self.dit, packed, batch["text"], self.cfg.diffusion, self.cfg.data.video_weighting)
+        loss, _ = diffusion_loss(self.dit, packed, batch["text"], self.cfg.diffusion, self.cfg.data.video_weighting,
+                                 repa=self.repa)
         n = len(packed.videos)
         self.log("loss", loss, prog_bar=True, batch_size=n)
+        if self.repa is not None:
+            self.log("repa", self.repa.last_loss, batch_size=n)  # 1 − cos, before its weight
         self.log("utilisation", packed.utilisation, prog_bar=True, batch_size=n)
         self.log("videos", float(n), batch_size=n)
         # Also a metric, because with ddp_spawn only metrics (not the step count) reach the main process.
@@ -270,7 +331,7 @@ class DiTModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return configure_adamw(self.dit.parameters(), self.cfg.optim, self.cfg.trainer.max_steps)
+        return configure_adamw(self.parameters(), self.cfg.optim, self.cfg.trainer.max_steps)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -308,6 +369,10 @@ class PackedLatents(torch.utils.data.IterableDataset):
                 where = f"{sample.get('meta', {}).get('shard', '')} {sample.get('key', '')}".strip()
                 raise ValueError(f"{where}: latent of shape {tuple(z.shape)}, the DiT expects ({self.channels}, T', H', W') "
                                  "(shards encoded by another VAE?)")
+            pt = self.patch[0]
+            if z.shape[1] > pt and rng.random() < d.image_share:
+                start = rng.randrange(z.shape[1] - pt + 1)
+                return {**cut_frames(sample, slice(start, start + pt)), "given": None}
             return {**sample, "given": sample_given_frames(z.shape[1], masks, rng)}
 
         yield from packed_batches(
@@ -422,6 +487,17 @@ def check_latents_match_vae(shards: str, vae_path: str, vae_config: dict) -> Non
         )
 
 
+def repa_features_dim(shards: str) -> int:
+    """The width of the vision features stored in latent shards (`sorakit encode --features`)."""
+    from sorakit.data.latents import load_latent_manifest
+    from sorakit.models.io import read_model_config
+
+    captioner = (load_latent_manifest(shards).get("settings") or {}).get("features") if Path(shards).is_dir() else None
+    if not captioner:
+        raise ValueError(f"{shards}: no vision features for repa; encode with `sorakit encode ... --features CAPTIONER`")
+    return int(read_model_config(captioner)["config"]["vision"]["width"])
+
+
 def train_dit(cfg: TrainDiTConfig, resume: bool = False, source: Callable[[int], Iterable[dict]] | None = None) -> Path:
     """Train, then export OUT as a pipeline directory; returns OUT.
 
@@ -440,12 +516,16 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False, source: Callable[[int],
     if vae_meta["kind"] != "vae":
         raise ValueError(f"{cfg.vae}: holds a {vae_meta['kind']} model, expected vae")
     check_latents_match_vae(cfg.data.shards, cfg.vae, vae_meta["config"])
+    if cfg.repa.weight > 0 and not cfg.repa.dim:
+        cfg.repa.dim = repa_features_dim(cfg.data.shards)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "train_config.yaml")
     text = TextCache(load_text_encoder(cfg.text_encoder), cfg.data.text_cache)
     model_config = resolve_model_config(cfg, out, resume, vae_meta["config"]["latent_channels"], text.encoder.dim)
+    if cfg.repa.weight > 0 and cfg.repa.depth > model_config.depth:
+        raise ConfigError(f"repa.depth {cfg.repa.depth} is deeper than the DiT ({model_config.depth} blocks)")
     module = DiTModule(cfg, model_config)
     callbacks = [SampleVideos(cfg, out, text)] if cfg.samples.every_n_steps > 0 else []
     trainer = build_trainer(cfg.trainer, out, cfg.optim, callbacks)

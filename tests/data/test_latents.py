@@ -111,6 +111,43 @@ def test_broken_samples_are_skipped_and_reported_and_rerun_resumes(toy_shards, v
         assert sorted(tf.getnames()) == sorted(f"{good[2][0]}.{e}" for e in ("latent.safetensors", "json", "txt"))
 
 
+def test_encode_with_features_stores_the_captioners_view_and_a_dit_aligns_to_it(toy_shards, vae_dir, latents, tmp_path):
+    from sorakit.media import read_video
+    from sorakit.models.captioner import build_captioner
+    from sorakit.models.text_encoder import build_text_encoder
+
+    torch.manual_seed(0)
+    cap_dir = save_pretrained(build_captioner("tiny"), tmp_path / "captioner")
+    out = tmp_path / "latents"
+    assert main(["encode", str(toy_shards), "--model", str(vae_dir), "--out", str(out), "--max-frames", "8",
+                 "--features", str(cap_dir), "--feature-stride", "2"]) == 0
+    assert load_latent_manifest(out)["settings"]["features"] == str(cap_dir.resolve())
+    vae, cap = load_pretrained(vae_dir, kind="vae"), load_pretrained(cap_dir, kind="captioner").eval()
+    raw = {key: members for shard in list_shards(toy_shards) for key, members in iter_tar_samples(shard)}
+    samples = list(latent_pipeline(out))
+    for s in samples:
+        _, t, h, w = s["latent"].shape
+        assert s["features"].shape == (cap.config.vision.width, t, -(-h // 2), -(-w // 2))
+        assert list(s["features"].shape) == s["meta"]["features_shape"]
+    # Latent frame k holds the features of the frame it ends on: k·t, or the last frame where the VAE padded.
+    s = samples[0]
+    frames = read_video(raw[s["key"]]["mp4"], max_frames=8)
+    t = s["latent"].shape[1]
+    ends = [min(k * vae.temporal_factor, len(frames) - 1) for k in range(t)]
+    expected = cap.frame_features(frames[ends], cell=2 * vae.spatial_factor, grid=tuple(s["features"].shape[2:]))
+    torch.testing.assert_close(s["features"], expected.half().float())
+    # The next stage: a DiT trained with representation alignment on these shards.
+    save_pretrained(build_text_encoder("tiny"), tmp_path / "text_encoder")
+    train = ["train", "dit", "--out", str(tmp_path / "dit"), "--set", "preset=tiny", "--set", f"vae={vae_dir}",
+             "--set", f"text_encoder={tmp_path / 'text_encoder'}", "--set", "data.max_tokens=256",
+             "--set", "data.pool_size=4", "--set", "data.num_workers=0", "--set", "trainer.accelerator=cpu",
+             "--set", "trainer.devices=1", "--set", "trainer.max_steps=2", "--set", "repa.weight=0.5",
+             "--set", "repa.depth=1", "--set", "repa.hidden=16"]
+    assert main([*train, "--set", f"data.shards={out}"]) == 0
+    assert load_pretrained(tmp_path / "dit" / "dit", kind="dit").config.depth == 2  # the projector is not exported
+    assert main([*train, "--set", f"data.shards={latents}"]) == 1  # encoded without --features: a clear error
+
+
 def test_encode_refuses_bad_requests(toy_shards, vae_dir, tmp_path):
     assert main(["encode", str(toy_shards), "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
     assert main(["encode", str(tmp_path / "nothing"), "--model", str(vae_dir), "--out", str(tmp_path / "o")]) == 1

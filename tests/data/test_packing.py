@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from sorakit.data.packing import (
+    cut_frames,
     first_fit_decreasing,
-    fit_latent_frames,
+    frame_window,
     grid_positions,
     num_tokens,
     pack,
@@ -17,6 +18,7 @@ from sorakit.data.packing import (
     packed_batches,
     patchify,
     per_video_loss,
+    token_features,
     unpatchify,
 )
 
@@ -128,9 +130,32 @@ def test_packed_batches_fill_rows_and_see_every_video_once():
     assert long["batch"].videos[long["keys"].index("long")].shape[1] == 4  # cut to 4 frames of 16 tokens
 
 
-def test_fit_latent_frames_takes_a_window():
+def test_a_frame_window_cuts_the_latent_and_its_features_together():
     z = torch.arange(10.0).view(1, 10, 1, 1).expand(1, 10, 4, 4)
-    w = fit_latent_frames(z, (1, 2, 2), max_tokens=12, rng=random.Random(0))
-    assert w.shape[1] == 3 and torch.equal(w[0, :, 0, 0], w[0, 0, 0, 0] + torch.arange(3.0))
+    sample = {"latent": z, "features": torch.arange(10.0).view(1, 10, 1, 1).expand(5, 10, 2, 3), "caption": "c"}
+    w = cut_frames(sample, frame_window(z.shape, (1, 2, 2), max_tokens=12, rng=random.Random(0)))
+    assert w["latent"].shape[1] == 3 and torch.equal(w["latent"][0, :, 0, 0], w["latent"][0, 0, 0, 0] + torch.arange(3.0))
+    assert torch.equal(w["features"][0, :, 0, 0], w["latent"][0, :, 0, 0]) and w["caption"] == "c"
+    assert frame_window(z.shape, (1, 2, 2), max_tokens=40) == slice(None)  # it fits: all of it
     with pytest.raises(ValueError, match="tokens per frame"):
-        fit_latent_frames(torch.zeros(1, 2, 20, 20), (1, 2, 2), max_tokens=50)
+        frame_window((1, 2, 20, 20), (1, 2, 2), max_tokens=50)
+
+
+def test_features_follow_their_tokens_through_packing_and_dropping():
+    # Features on the token grid: each token's row is its own (t, h, w), so any misplacement shows.
+    z = [torch.randn(4, 4, 6, 4), torch.randn(4, 2, 4, 4)]
+    grids = [(2, 3, 2), (1, 2, 2)]
+    feats = [grid_positions(g).T.float().reshape(3, *g).repeat_interleave(2, 1) for g in grids]  # (3, T', h, w)
+    for rates in ([0.0, 0.0], [0.5, 0.3]):
+        b = pack(z, (2, 2, 2), max_tokens=12, features=feats, drop_rates=rates, generator=torch.Generator().manual_seed(0))
+        assert b.features.shape == (*b.seq_ids.shape, 3)
+        real = b.seq_ids >= 0
+        torch.testing.assert_close(b.features[real], b.pos[real].float())  # a token's features are its place's
+        assert (b.features[~real] == 0).all()
+    # A finer map is averaged over each token's temporal patch and resampled to its grid.
+    fine = torch.arange(4.0).view(1, 4, 1, 1).expand(1, 4, 6, 4)
+    assert token_features(fine, (2, 3, 2))[:, 0].tolist() == [0.5] * 6 + [2.5] * 6
+    with pytest.raises(ValueError, match="like its latent"):
+        pack(z, (2, 2, 2), features=[feats[0], feats[0]])
+
+

@@ -196,6 +196,30 @@ def test_letterbox_keeps_aspect_and_the_whole_frame():
     assert out[0, 0, 16, -1] > 180 and out[0, 1, 16, -1] < 80  # the right edge survives (no crop)
 
 
+def test_frame_features_read_the_tower_at_native_positions():
+    model = tiny().eval()
+    S, P = model.config.vision.image_size, model.config.vision.patch_size
+    g = S // P
+    rng = np.random.default_rng(0)
+    square = rng.integers(0, 256, (3, S, S, 3), dtype=np.uint8)
+    feats = model.frame_features(square, cell=P, grid=(g, g))  # (Wv, T, g, g): cell centres = patch centres
+    x = (letterbox(square, S).float() - model.mean) / model.std
+    with torch.no_grad():
+        tokens = model.frame_tokens(x, 1)[:, 0, 1:]  # (T, N, Wv), each frame on its own
+    torch.testing.assert_close(feats, tokens.transpose(1, 2).reshape(3, -1, g, g).transpose(0, 1))
+    # A 2:1 frame fills the middle half of the letterbox's rows: cell i (native row (i + 0.5)·P) reads
+    # letterbox row S/4 + (i + 0.5)·P/2, i.e. row 2 + i of the tower's grid upsampled twice. Cells
+    # past the bottom edge read the edge.
+    wide = rng.integers(0, 256, (1, S, 2 * S, 3), dtype=np.uint8)
+    f = model.frame_features(wide, cell=P, grid=(g + 2, 2 * g))[:, 0]  # (Wv, g + 2, 2g)
+    lb = (letterbox(wide, S).float() - model.mean) / model.std
+    with torch.no_grad():
+        t = model.frame_tokens(lb, 1)[0, 0, 1:].T.reshape(-1, g, g)  # (Wv, g, g)
+    up = torch.nn.functional.interpolate(t[None], scale_factor=2, mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(f[:, :3], up[:, 2:5])
+    torch.testing.assert_close(f[:, g], f[:, g + 1])
+
+
 def test_frame_indices_cover_the_clip():
     assert frame_indices(64, 4).tolist() == [8, 24, 40, 56]
     assert frame_indices(3, 4).tolist() == [0, 1, 1, 2]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sorakit.cli import main
-from sorakit.config import load_config
+from sorakit.config import from_dict, load_config
 from sorakit.data.latents import LATENT_MEMBER, latent_bytes, latent_pipeline
 from sorakit.data.packing import pack_text, packed_batches
 from sorakit.data.shards import write_manifest, write_tar_atomic
@@ -21,7 +21,14 @@ from sorakit.models.dit import DiT, dit_config
 from sorakit.models.io import save_pretrained
 from sorakit.models.text_encoder import build_text_encoder
 from sorakit.models.vae import VAE, vae_config
-from sorakit.training.dit import MaskConfig, TextCache, TrainDiTConfig, diffusion_loss, sample_given_frames
+from sorakit.training.dit import (
+    MaskConfig,
+    PackedLatents,
+    TextCache,
+    TrainDiTConfig,
+    diffusion_loss,
+    sample_given_frames,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 COLORS = ["red", "green", "blue", "yellow"]
@@ -133,7 +140,6 @@ def _ddp_source(seed: int):
 
 
 def test_ddp_spawn_training_step_on_cpu(workspace, tmp_path):
-    from sorakit.config import from_dict
     from sorakit.training.dit import train_dit
 
     cfg = from_dict(TrainDiTConfig, {
@@ -178,6 +184,43 @@ def test_self_conditioning_trains_its_embedding_and_every_parameter_gets_a_gradi
     assert fed[~batch.given & batch.valid].abs().max() > 0  # the rest: the first pass's estimate
 
 
+def test_repa_aligns_the_tokens_after_its_depth_to_the_features():
+    from sorakit.data.packing import pack
+    from sorakit.models.dit import build_dit
+    from sorakit.training.dit import RepaConfig, RepaProjector
+
+    torch.manual_seed(0)
+    dit = build_dit("tiny")
+    z = [torch.randn(4, 2, 4, 4), torch.randn(4, 3, 6, 4)]
+    feats = [torch.randn(8, 2, 2, 2), torch.randn(8, 3, 3, 2)]
+    batch = pack(z, dit.patch, features=feats, given_frames=[None, torch.tensor([True, False, False])])
+    texts = [torch.randn(3, 32), torch.randn(2, 32)]
+    text = pack_text(batch, texts, torch.stack([t.mean(0) for t in texts]))
+    repa = RepaProjector(dit.config.dim, RepaConfig(weight=1.0, depth=1, hidden=16, dim=8))
+    cfg = TrainDiTConfig().diffusion
+
+    def losses() -> tuple[torch.Tensor, float]:  # (total, the alignment part) on the same noise
+        torch.manual_seed(1)
+        total = diffusion_loss(dit, batch, text, cfg, repa=repa)[0]
+        torch.manual_seed(1)
+        return total, (total - diffusion_loss(dit, batch, text, cfg)[0]).item()
+
+    opt = torch.optim.Adam([*dit.parameters(), *repa.parameters()], lr=1e-2)
+    first = losses()[1]
+    assert 0.5 < first < 1.5  # 1 − cos of unrelated vectors
+    for _ in range(30):
+        opt.zero_grad()
+        losses()[0].backward()
+        opt.step()
+    assert losses()[1] < 0.5 * first
+    args = (batch.x, torch.full(batch.seq_ids.shape, 0.5), batch.pos, batch.seq_ids, *text)
+    pred, hidden = dit(*args, hidden_at=1)
+    assert torch.equal(pred, dit(*args)) and hidden.shape == (*batch.seq_ids.shape, dit.config.dim)
+    batch.features = None
+    with pytest.raises(ValueError, match="no vision features"):
+        diffusion_loss(dit, batch, text, cfg, repa=repa)
+
+
 def test_mask_strategy_modes():
     rng = random.Random(0)
     cfg = MaskConfig(t2v=0.2, i2v=0.2, forward=0.2, backward=0.2, interpolate=0.2)
@@ -200,6 +243,32 @@ def test_mask_strategy_modes():
             assert g[-g.sum():].all()  # a suffix
     assert all(k > 200 for k in kinds.values()) and len(kinds) == 5
     assert all(sample_given_frames(1, cfg, rng) is None for _ in range(20))  # an image: text-to-image only
+
+
+def test_image_share_trains_single_temporal_patches_cut_from_the_clips():
+    def clips(seed: int):
+        rng = random.Random(seed)
+        while True:  # each latent frame holds its own index, so a cut shows where it came from
+            t = rng.randint(4, 9)
+            yield {"key": "k", "caption": "a red square", "latent": torch.arange(t).float().view(1, t, 1, 1).expand(4, t, 2, 4)}
+
+    def videos(share: float) -> list[torch.Tensor]:
+        cfg = from_dict(TrainDiTConfig, {"data": {"max_tokens": 256, "pool_size": 8, "image_share": share},
+                                         "masks": {"t2v": 0.0, "i2v": 0.0, "forward": 1.0, "backward": 0.0, "interpolate": 0.0}})
+        batches = iter(PackedLatents(cfg, (2, 2, 2), 4, seed=0, source=clips))
+        out = []
+        for _ in range(10):
+            b = next(batches)["batch"]
+            out += [(z, g) for z, g in zip(b.unpack(b.x), b.unpack(b.given))]
+        return out
+
+    mixed = videos(0.5)
+    images = [(z, g) for z, g in mixed if z.shape[1] == 2]
+    assert 0.3 < len(images) / len(mixed) < 0.7
+    for z, g in images:  # two consecutive latent frames of a clip, generated from the text alone
+        assert z[0, 1, 0, 0] == z[0, 0, 0, 0] + 1 and not g.any()
+    assert all(g.any() for z, g in mixed if z.shape[1] > 2)  # the clips keep their mask strategy
+    assert all(z.shape[1] >= 4 for z, _ in videos(0.0))
 
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*/dit.yaml")), ids=lambda p: p.parent.name)
