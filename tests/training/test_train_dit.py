@@ -252,7 +252,7 @@ def test_image_share_trains_single_temporal_patches_cut_from_the_clips():
             t = rng.randint(4, 9)
             yield {"key": "k", "caption": "a red square", "latent": torch.arange(t).float().view(1, t, 1, 1).expand(4, t, 2, 4)}
 
-    def videos(share: float) -> list[torch.Tensor]:
+    def videos(share: float) -> list[tuple[torch.Tensor, torch.Tensor]]:  # (latent, given) per video
         cfg = from_dict(TrainDiTConfig, {"data": {"max_tokens": 256, "pool_size": 8, "image_share": share},
                                          "masks": {"t2v": 0.0, "i2v": 0.0, "forward": 1.0, "backward": 0.0, "interpolate": 0.0}})
         batches = iter(PackedLatents(cfg, (2, 2, 2), 4, seed=0, source=clips))
