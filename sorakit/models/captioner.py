@@ -159,6 +159,13 @@ def frame_indices(total: int, n: int) -> np.ndarray:
     return np.minimum(((np.arange(n) + 0.5) * total / n).astype(np.int64), total - 1)
 
 
+def letterbox_box(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+    """Where `letterbox` puts an h × w frame in its size × size square: (top, left, height, width)."""
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    return (size - nh) // 2, (size - nw) // 2, nh, nw
+
+
 def letterbox(frames: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (T, H, W, 3) -> uint8 (T, 3, size, size): long side resized to `size`, centred, padded.
 
@@ -166,12 +173,10 @@ def letterbox(frames: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
     """
     x = torch.as_tensor(frames).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
     h, w = x.shape[-2:]
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    top, left, nh, nw = letterbox_box(h, w, size)
     if (nh, nw) != (h, w):
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
     out = torch.tensor(MEAN).mul(255).view(1, 3, 1, 1).expand(x.shape[0], 3, size, size).clone()
-    top, left = (size - nh) // 2, (size - nw) // 2
     out[:, :, top : top + nh, left : left + nw] = x
     return out.round().clamp(0, 255).to(torch.uint8)
 
@@ -307,10 +312,8 @@ class VideoCoCa(nn.Module):
         tokens = self.frame_tokens(x, 1)[:, 0, 1:]  # (T, N, Wv), class token dropped
         g = size // patch
         fmap = tokens.transpose(1, 2).reshape(t, -1, g, g)  # (T, Wv, g, g)
-        # Cell centres in native pixels → letterbox pixels (as `letterbox` places the frame) → [-1, 1].
-        scale = size / max(h, w)
-        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        top, left = (size - nh) // 2, (size - nw) // 2
+        # Cell centres in native pixels → letterbox pixels (where `letterbox` put the frame) → [-1, 1].
+        top, left, nh, nw = letterbox_box(h, w, size)
         ys = ((torch.arange(grid[0]) + 0.5) * cell).clamp(max=h - 0.5) * (nh / h) + top
         xs = ((torch.arange(grid[1]) + 0.5) * cell).clamp(max=w - 0.5) * (nw / w) + left
         yy, xx = torch.meshgrid(ys / size * 2 - 1, xs / size * 2 - 1, indexing="ij")
