@@ -46,6 +46,7 @@ from sorakit.models.layers import (
     TimestepEmbedder,
     cross_attention_mask,
     init_adaln_zero,
+    neighbour_index,
     packed_attention_mask,
 )
 
@@ -84,6 +85,9 @@ class DiTConfig:
     # into one that matches a token to where the object was a frame earlier. Without it the toy DiT
     # ignored motion words entirely (docs/benchmarks.md, stop 19).
     comoving: bool = False
+    # A depthwise (kt, kh, kw) convolution over each video's token grid before every MLP (`MixMlp`,
+    # after SANA's Mix-FFN), so a token mixes its neighbours' features directly. (1, 1, 1) = off.
+    mlp_kernel: tuple[int, int, int] = (1, 1, 1)
 
     def validate(self) -> None:
         if self.dim % self.heads:
@@ -92,6 +96,8 @@ class DiTConfig:
             raise ConfigError(f"dit head dimension {self.dim // self.heads} must be even and at least 6 for 3D RoPE")
         if len(self.patch) != 3 or min(self.patch) < 1:
             raise ConfigError(f"dit patch must be three positive sizes (pt, ph, pw), got {self.patch}")
+        if len(self.mlp_kernel) != 3 or any(k < 1 or k % 2 == 0 for k in self.mlp_kernel):
+            raise ConfigError(f"dit mlp_kernel must be three odd positive sizes (kt, kh, kw), got {self.mlp_kernel}")
         if self.rope not in ROPE_KINDS:
             raise ConfigError(f"dit rope must be one of {', '.join(ROPE_KINDS)}, got {self.rope!r}")
         if self.attn_backend not in ATTN_BACKENDS:
@@ -147,7 +153,8 @@ class DiT(nn.Module):
         else:
             self.rope = AxialRoPE3D(d // config.heads, theta=config.rope_theta)
         self.blocks = nn.ModuleList(
-            DiTBlock(d, config.heads, config.mlp_ratio, config.qk_norm, cross=True) for _ in range(config.depth)
+            DiTBlock(d, config.heads, config.mlp_ratio, config.qk_norm, cross=True, mlp_kernel=tuple(config.mlp_kernel))
+            for _ in range(config.depth)
         )
         self.final = FinalLayer(d, p)
         self.initialize_weights()
@@ -228,12 +235,14 @@ class DiT(nn.Module):
             rope = self.rope(*self.comoving_positions(pos, frac, size, seq_ids, pooled))
         else:
             rope = self.rope(pos, frac)
+        kernel = tuple(self.config.mlp_kernel)
+        nbr = neighbour_index(pos, seq_ids, kernel, slots=pooled.shape[1]) if math.prod(kernel) > 1 else None  # (K, B·N)
         hidden = None
         for i, block in enumerate(self.blocks):
             if self.config.grad_checkpointing and self.training:
-                h = checkpoint(block, h, cond, cond_idx, mask, rope, ctx, ctx_mask, use_reentrant=False)
+                h = checkpoint(block, h, cond, cond_idx, mask, rope, ctx, ctx_mask, nbr, use_reentrant=False)
             else:
-                h = block(h, cond, cond_idx, mask, rope, ctx, ctx_mask)
+                h = block(h, cond, cond_idx, mask, rope, ctx, ctx_mask, nbr)
             if i + 1 == hidden_at:
                 hidden = h
         out = self.final(h, cond, cond_idx)  # (B, N, P)

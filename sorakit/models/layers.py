@@ -19,6 +19,8 @@ Attention never crosses videos:
 * `DiTBlock` is self-attention + masked cross-attention to the video's own text tokens + MLP, with
   adaLN-Zero modulation from a small table of conditioning vectors (one per distinct (video, time)
   pair) gathered per token, so clean "given" tokens (time 0) sit beside noisy ones in one video.
+  Its MLP can be a `MixMlp`, which first convolves each video's tokens on their own grid (found
+  by `neighbour_index`, so packing, padding and dropped tokens need no canvas).
 """
 
 from __future__ import annotations
@@ -302,6 +304,63 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+def neighbour_index(
+    pos: torch.Tensor, seq_ids: torch.Tensor, kernel: tuple[int, int, int], slots: int | None = None
+) -> torch.Tensor:
+    """(B, N, 3) patch coordinates → (K, B·N): for each of the kernel's K offsets (t, h, w order) and
+    each token, the flat index of the token at that offset in the same video, or B·N where that video
+    has no token there (its border, a dropped token) and for padding tokens.
+
+    Packed tokens sit on no common grid, so the neighbours are found by key: every token's
+    (row, video, t, h, w) is one integer, the keys are sorted once, and each offset is a binary search.
+    slots: video slots per row (default: read from seq_ids, which costs a device sync).
+    """
+    b, n, _ = pos.shape
+    radius = torch.tensor([k // 2 for k in kernel], device=pos.device)
+    p = pos.long().reshape(b * n, 3)
+    p = p - p.amin(dim=0) + radius  # ≥ radius, so no offset leaves its video's key range
+    size = p.amax(dim=0) + radius + 1  # (3,)
+    slots = int(seq_ids.max()) + 1 if slots is None else slots
+    video = (torch.arange(b, device=pos.device)[:, None] * (slots + 1) + seq_ids + 1).reshape(-1)
+    key = ((video * size[0] + p[:, 0]) * size[1] + p[:, 1]) * size[2] + p[:, 2]  # (B·N,)
+    sorted_key, order = key.sort()
+    axes = [torch.arange(k, device=pos.device) - k // 2 for k in kernel]
+    offsets = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # (K, 3)
+    delta = (offsets[:, 0] * size[1] + offsets[:, 1]) * size[2] + offsets[:, 2]  # (K,)
+    query = key[None] + delta[:, None]  # (K, B·N)
+    at = torch.searchsorted(sorted_key, query).clamp(max=b * n - 1)
+    hit = (sorted_key[at] == query) & (seq_ids.reshape(1, -1) >= 0)
+    return torch.where(hit, order[at], b * n)
+
+
+def _depthwise(x: torch.Tensor, nbr: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(M, C) token features → (M, C): Σ_k taps[k] · x[nbr[k]] + bias, a missing neighbour counting as 0."""
+    x = torch.cat([x, x.new_zeros(1, x.shape[-1])])  # row M: the zero a missing neighbour reads
+    out = bias.expand(nbr.shape[1], -1)
+    for k in range(nbr.shape[0]):
+        out = out + x[nbr[k]] * taps[k]
+    return out
+
+
+class MixMlp(Mlp):
+    """An MLP whose input first passes a depthwise convolution over each video's own token grid: with
+    the first linear that makes a depthwise-separable conv (MobileNet's factorisation), so a token
+    mixes its neighbours' features directly instead of finding them through attention. SANA's Mix-FFN
+    convolves the 4× wider hidden layer instead; on the input it costs a quarter. The centre tap
+    starts at 1 and the others at 0, so at init it is the plain MLP. Neighbours: `neighbour_index`."""
+
+    def __init__(self, dim: int, hidden: int, kernel: tuple[int, int, int]):
+        super().__init__(dim, hidden)
+        k = math.prod(kernel)
+        self.taps = nn.Parameter(torch.zeros(k, dim))
+        self.taps.data[k // 2] = 1.0
+        self.tap_bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:  # (B, N, D), (K, B·N) `neighbour_index`
+        x = _depthwise(x.reshape(-1, x.shape[-1]), nbr, self.taps, self.tap_bias).view_as(x)
+        return super().forward(x)
+
+
 class TimestepEmbedder(nn.Module):
     """Continuous time t ∈ [0, 1] → sinusoidal features → MLP (DiT's embedder, on 1000·t)."""
 
@@ -320,7 +379,8 @@ class TimestepEmbedder(nn.Module):
 class DiTBlock(nn.Module):
     """adaLN-Zero self-attention and MLP, with an ungated cross-attention between them (PixArt-style)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True, cross: bool = True):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True, cross: bool = True,
+                 mlp_kernel: tuple[int, int, int] = (1, 1, 1)):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(dim, heads, qk_norm)
@@ -329,7 +389,8 @@ class DiTBlock(nn.Module):
             self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
             self.cross_attn = CrossAttention(dim, heads, qk_norm)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        hidden = int(dim * mlp_ratio)
+        self.mlp = MixMlp(dim, hidden, mlp_kernel) if math.prod(mlp_kernel) > 1 else Mlp(dim, hidden)
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(
@@ -341,13 +402,15 @@ class DiTBlock(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         ctx: torch.Tensor | None = None,  # (B, L, D)
         ctx_mask: tuple[torch.Tensor, torch.Tensor] | None = None,
+        nbr: torch.Tensor | None = None,  # (K, B·N) `neighbour_index`, for a MixMlp
     ) -> torch.Tensor:
         mod = self.adaLN(cond)[cond_idx]  # (B, N, 6D): computed per condition, gathered per token
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), mask, rope)
         if self.cross:
             x = x + self.cross_attn(self.norm_cross(x), ctx, ctx_mask)
-        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        y = modulate(self.norm2(x), shift2, scale2)
+        x = x + gate2 * (self.mlp(y, nbr) if isinstance(self.mlp, MixMlp) else self.mlp(y))
         return x
 
 

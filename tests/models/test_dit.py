@@ -8,7 +8,7 @@ import torch
 from sorakit.data.packing import pack, pack_text
 from sorakit.models.dit import DIT_PRESETS, ROPE_KINDS, DiT, build_dit, dit_config, fractional_positions, video_extents
 from sorakit.models.io import load_pretrained, save_pretrained
-from sorakit.models.layers import AxialRoPE3D, MixedRoPE3D, apply_rope
+from sorakit.models.layers import AxialRoPE3D, MixedRoPE3D, Mlp, apply_rope
 
 
 def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -265,3 +265,51 @@ def test_comoving_rope_starts_switched_off_and_moves_each_heads_frame_with_the_p
     fresh.train()
     fresh(*args).pow(2).mean().backward()
     assert fresh.velocity.weight.grad.abs().max() > 0
+
+
+def test_mix_mlp_convolves_each_packed_video_on_its_own_grid_like_conv3d():
+    from sorakit.models.layers import MixMlp, neighbour_index
+
+    kernel = (3, 3, 3)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 3, 5, 7, generator=g), torch.randn(6, 2, 4, 6, generator=g)
+    batch = pack([a, b], (1, 1, 1), max_tokens=256, drop_rates=[0.3, 0.0], generator=g)  # A loses 30% of its tokens
+    mix = MixMlp(6, 12, kernel)
+    mix.taps.data = torch.randn(mix.taps.shape, generator=g)
+    mix.tap_bias.data = torch.randn(6, generator=g)
+    plain = Mlp(6, 12)
+    plain.load_state_dict(mix.state_dict(), strict=False)
+    nbr = neighbour_index(batch.pos, batch.seq_ids, kernel)
+    with torch.no_grad():
+        got = mix(batch.x, nbr)  # (1, N, 6)
+        for video, latent in zip(batch.videos, (a, b)):
+            tokens = slice(video.start, video.start + video.length)
+            kept = batch.pos[video.row, tokens].T  # (3, L)
+            # The reference: the video's kept tokens on a dense grid (dropped ones zero), Conv3d, then the MLP.
+            grid = torch.zeros_like(latent)
+            grid[:, *kept] = batch.x[video.row, tokens].T
+            w = mix.taps.T.reshape(6, 1, *kernel)
+            conv = torch.nn.functional.conv3d(grid[None], w, mix.tap_bias, padding=1, groups=6)[0]
+            want = plain(conv[:, *kept].T)  # (L, 6)
+            torch.testing.assert_close(got[video.row, tokens], want, atol=1e-5, rtol=1e-5)
+    assert batch.videos[0].keep is not None  # the dropped tokens were exercised
+
+
+def test_mix_mlp_dit_starts_as_the_plain_dit_and_keeps_packed_videos_apart():
+    plain = _randomise(build_dit("tiny", attn_backend="dense"))
+    mixed = build_dit("tiny", attn_backend="dense", mlp_kernel=(3, 3, 3)).eval()
+    mixed.load_state_dict(plain.state_dict(), strict=False)  # fresh taps: the centre 1, the rest 0
+    a, b = torch.randn(4, 3, 6, 8), torch.randn(4, 2, 4, 6)
+    texts = [torch.randn(5, 32), torch.randn(3, 32)]
+    batch, args = _inputs(plain, [a, b], texts)
+    with torch.no_grad():
+        torch.testing.assert_close(mixed(*args), plain(*args))
+        for block in mixed.blocks:
+            block.mlp.taps.normal_(0, 0.5)
+        out = batch.unpack(mixed(*args))
+        assert (out[0] - batch.unpack(plain(*args))[0]).abs().max() > 1e-3  # the taps are used
+        _, args2 = _inputs(plain, [a * 3 + 1, b], texts)
+        out2 = batch.unpack(mixed(*args2))
+    torch.testing.assert_close(out2[1], out[1], atol=1e-5, rtol=0)  # changing A leaves B alone
+    with pytest.raises(ValueError, match="mlp_kernel"):
+        dit_config("tiny", mlp_kernel=(1, 2, 3))
