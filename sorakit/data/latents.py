@@ -86,15 +86,22 @@ def _init_worker(model_dir: str, device: str, threads: int, features: str | None
     import torch
 
     from sorakit.models.io import load_pretrained
-    from sorakit.utils.procs import die_with_parent
 
-    die_with_parent()
     if threads:
         torch.set_num_threads(threads)
     _WORKER["vae"] = load_pretrained(model_dir, kind="vae", map_location=device).to(device)
     _WORKER["captioner"] = None
     if features:
         _WORKER["captioner"] = load_pretrained(features, kind="captioner", map_location=device).to(device).eval()
+
+
+def _init_pool_worker(*args) -> None:
+    """A pool worker's initializer: `_init_worker`, and die with the job. Only in the pool: the
+    single-worker path runs in the job's own process, which must not die with its shell (`nohup`)."""
+    from sorakit.utils.procs import die_with_parent
+
+    die_with_parent()
+    _init_worker(*args)
 
 
 def tensor_bytes(x, key: str) -> bytes:
@@ -267,7 +274,7 @@ def encode_shards(
 
             threads = max(1, (os.cpu_count() or 1) // workers)
             # spawn: a forked copy of a process that already ran torch threads can deadlock.
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_pool_worker,
                                      initargs=(str(model_dir), device, threads, settings.features)) as pool:
                 futures = {pool.submit(encode_shard, str(p), str(out), settings): p.name for p in todo}
                 pending = set(futures)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import tarfile
 from pathlib import Path
 
@@ -83,6 +84,24 @@ def test_latent_pipeline_yields_tensors_captions_and_meta(latents):
     assert [s["key"] for s in samples] != sorted(s["key"] for s in samples) or len(samples) < 3
     endless = iter(latent_pipeline(latents, resampled=True, seed=0))
     assert len([next(endless) for _ in range(20)]) == 20
+
+
+def _parent_death_signal() -> int:
+    import ctypes
+
+    sig = ctypes.c_int(-1)
+    pr_get_pdeathsig = 2
+    assert ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_get_pdeathsig, ctypes.byref(sig)) == 0
+    return sig.value
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
+def test_encoding_in_the_jobs_own_process_does_not_tie_it_to_its_parent(toy_shards, vae_dir, tmp_path):
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 0)  # PR_SET_PDEATHSIG: none, whatever ran before
+    encode_shards(toy_shards, vae_dir, tmp_path / "latents", EncodeSettings(max_frames=3, workers=1))
+    assert _parent_death_signal() == 0  # a `nohup sorakit encode` outlives its shell; only pool workers die with the job
 
 
 def test_broken_samples_are_skipped_and_reported_and_rerun_resumes(toy_shards, vae_dir, tmp_path):
