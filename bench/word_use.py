@@ -11,6 +11,10 @@ model does not use that word, the empty caption's ratio is what the whole captio
 
 `--given first` gives the first latent frame clean, as image-to-video does. The object's start is
 then known, and with the motion word its whole path: a model that reads the motion word gains most here.
+
+`--paths` says which way each word reaches the DiT: the swap applied to the text tokens only (the
+cross-attention's keys and values, pooled vector kept) and to the pooled vector only (the adaLN
+conditioning and the co-moving velocity, text tokens kept).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--times", default="0.3,0.5,0.7,0.85,0.95")
     ap.add_argument("--given", choices=("none", "first"), default="none")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--paths", action="store_true", help="also swap each word in the text tokens only and in the pooled vector only")
     args = ap.parse_args(argv)
 
     from sorakit.data.latents import latent_pipeline
@@ -83,13 +88,20 @@ def main(argv: list[str] | None = None) -> None:
         for name, text in per_caption.items():
             variants.setdefault(name, []).append(text)
     texts = {name: encode_text(pipe.text_encoder, v, batch, "cpu") for name, v in variants.items()}
+    if args.paths:
+        ctx, ids, pooled = texts["true"]
+        for name in ("colour", "shape", "motion: opposite", "background"):
+            s_ctx, s_ids, s_pooled = texts[name]
+            if torch.equal(s_ids, ids):  # a swap that keeps every caption's token count
+                texts[f"{name}, tokens only"] = (s_ctx, ids, pooled)
+                texts[f"{name}, pooled only"] = (ctx, ids, s_pooled)
     x0, valid = batch.x, batch.valid.float()
     scored = valid * (~batch.given).float()  # given tokens are the input, not a prediction
 
     print(f"{args.model}: {len(samples)} moving clips, first latent frame given: {args.given == 'first'}; "
           "x0 error (mean square per value) with the true caption, and each variant's as a ratio to it")
-    print("| t | true | " + " | ".join(n for n in variants if n != "true") + " |")
-    print("|---:" * len(variants) + "|---:|")
+    print("| t | true | " + " | ".join(n for n in texts if n != "true") + " |")
+    print("|---:" * len(texts) + "|---:|")
     for t in (float(v) for v in args.times.split(",")):
         a, s = alpha_sigma(torch.full((len(samples),), t), cfg)
         alpha, sigma = batch.per_token(a)[..., None], batch.per_token(s)[..., None]
@@ -100,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                 pred = dit(x_t, t_tok, batch.pos, batch.seq_ids, *text, token_given)
             x0_hat = to_x0_eps(pred.float(), x_t, alpha, sigma, cfg.parametrisation)[0]
             err[name] = float(((x0_hat - x0) * scored).pow(2).sum() / scored.sum())
-        print(f"| {t:.2f} | {err['true']:.4f} | " + " | ".join(f"{err[n] / err['true']:.3f}" for n in variants if n != "true") + " |")
+        print(f"| {t:.2f} | {err['true']:.4f} | " + " | ".join(f"{err[n] / err['true']:.3f}" for n in texts if n != "true") + " |")
 
 
 if __name__ == "__main__":

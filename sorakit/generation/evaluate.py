@@ -16,7 +16,9 @@ Joins: real toy clips (rendered and H.264-encoded) of moving objects are cut and
 model: forward extension regrows the second half from the first, backward extension the first half
 from the second, interpolation the middle third (whole VAE time steps) between the outer parts.
 Reported: the seam ratio (mean frame difference across each join over the mean difference inside
-the clip; 1.0 is invisible) and whether the generated part keeps the object's colour, shape and motion.
+the clip; 1.0 is invisible), the step ratio (mean frame difference inside the generated part over
+the mean inside the kept input; 1.0 means the new frames change no faster than the input's, more
+means they flicker) and whether the generated part keeps the object's colour, shape and motion.
 """
 
 from __future__ import annotations
@@ -215,15 +217,21 @@ def score_join(frames: np.ndarray, joins: list[int], new: slice, prompt: str) ->
     part = frames[new]
     scale = len(part) / max(1, len(frames))
     score = toyscore.score_video(part, prompt, travel_scale=scale)
-    return {"seam": round(toyscore.seam_ratio(frames, joins), 4), "kept": score.correct, "all_kept": score.followed,
-            "predicted": score.predicted}
+    try:
+        step = round(toyscore.step_ratio(frames, new), 4)
+    except ValueError:  # a part of one frame has no step inside it
+        step = None
+    return {"seam": round(toyscore.seam_ratio(frames, joins), 4), "step": step,
+            "kept": score.correct, "all_kept": score.followed, "predicted": score.predicted}
 
 
 def _summarize_joins(results: list[dict]) -> dict:
     if not results:
         return {"n": 0}
     kept = {a: round(sum(r["kept"][a] for r in results) / len(results), 4) for a in toyscore.ATTRIBUTES}
-    return {"n": len(results), "seam": _stats([r["seam"] for r in results]), "kept": kept,
+    steps = [r["step"] for r in results if r["step"] is not None]
+    step = {"mean": round(statistics.fmean(steps), 4), "median": round(statistics.median(steps), 4)} if steps else None
+    return {"n": len(results), "seam": _stats([r["seam"] for r in results]), "kept": kept, "step": step,
             "all_kept": round(sum(r["all_kept"] for r in results) / len(results), 4)}
 
 
@@ -438,8 +446,10 @@ def format_report(report: dict) -> list[str]:
         if s and s.get("n"):
             seam = s["seam"]
             kept = s["kept"]
+            step = f"{s['step']['mean']:.2f}" if s.get("step") else "-"
             lines.append(f"{mode:<16} n={s['n']:<3} seam mean {seam['mean']:.2f} median {seam['median']:.2f} "
-                         f"max {seam['max']:.2f}; kept color {pct(kept['color'])} shape {pct(kept['shape'])} "
+                         f"max {seam['max']:.2f}; new/kept frame step {step}; "
+                         f"kept color {pct(kept['color'])} shape {pct(kept['shape'])} "
                          f"motion {pct(kept['motion'])} all {pct(s['all_kept'])}")
     if report.get("skipped"):
         lines.append(f"skipped {len(report['skipped'])} video(s): " + "; ".join(

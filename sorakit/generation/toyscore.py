@@ -269,3 +269,18 @@ def seam_ratio(frames: np.ndarray, joins: Sequence[int]) -> float:
     inside = np.delete(diffs, idx)
     denom = max(float(inside.mean()) if inside.size else 0.0, SEAM_FLOOR)
     return float(diffs[idx].mean()) / denom
+
+
+def step_ratio(frames: np.ndarray, new: slice) -> float:
+    """Mean frame difference inside the generated frames `new` over the mean inside the kept ones.
+
+    1.0 means the new frames change as fast as the input's. The seam ratio's denominator mixes both
+    parts, so new frames that flicker lower it and hide a cut; this ratio shows the flicker.
+    """
+    is_new = np.zeros(len(frames), bool)
+    is_new[new] = True
+    inside_new, inside_kept = is_new[1:] & is_new[:-1], ~is_new[1:] & ~is_new[:-1]
+    if not inside_new.any() or not inside_kept.any():
+        raise ValueError(f"frames {new.start}:{new.stop} of {len(frames)} leave no frame step inside both parts")
+    diffs = frame_diffs(frames)
+    return float(diffs[inside_new].mean()) / max(float(diffs[inside_kept].mean()), SEAM_FLOOR)

@@ -92,6 +92,7 @@ def test_eval_toyworld_scores_existing_videos(tmp_path, capsys):
     assert report["text_to_video"]["all"] == {"n": 4, "accuracy": dict.fromkeys(("color", "shape", "motion", "background"), 1.0), "all": 1.0}
     ext = report["extend_forward"]
     assert ext["n"] == 1 and ext["all_kept"] == 1.0 and ext["seam"]["max"] < 1.5
+    assert ext["step"]["mean"] == pytest.approx(1.0, abs=0.35)  # the real continuation changes as fast as the input
     assert [s["reason"] for s in report["skipped"]] == ["no sidecar"]
     assert main(["eval", "toyworld", "--videos", str(tmp_path / "videos")]) == 0
     assert "100.0%" in capsys.readouterr().out

@@ -77,3 +77,18 @@ def test_seam_ratio_sees_a_cut_and_not_a_smooth_join():
     assert toyscore.seam_ratio(still, [5]) == 0.0
     with pytest.raises(ValueError):
         toyscore.seam_ratio(clip, [0])
+
+
+def test_step_ratio_shows_new_frames_that_flicker():
+    spec = tw.sample_spec(np.random.default_rng(2), 0, motion="right", width=80, height=48, num_frames=24, fps=12)
+    clip = tw.render(spec)
+    assert toyscore.step_ratio(clip, slice(12, None)) == pytest.approx(1.0, abs=0.35)
+    speckled = clip.astype(np.int16)
+    speckled[12:] += np.random.default_rng(0).integers(-12, 13, speckled[12:].shape, dtype=np.int16)
+    speckled = speckled.clip(0, 255).astype(np.uint8)
+    assert toyscore.step_ratio(speckled, slice(12, None)) > 5.0  # fresh speckle every frame
+    # the seam ratio's denominator takes in the flicker, so it hides the cut at 12
+    assert toyscore.seam_ratio(speckled, [12]) < 1.5
+    assert toyscore.step_ratio(speckled, slice(0, 12)) < 0.2  # the other part is the new one
+    with pytest.raises(ValueError, match="no frame step"):
+        toyscore.step_ratio(clip, slice(23, None))
