@@ -212,8 +212,13 @@ def _stats(values: list[float]) -> dict:
     }
 
 
-def score_join(frames: np.ndarray, joins: list[int], new: slice, prompt: str) -> dict:
-    """Seam ratio at the joins and the generated part's attributes against the prompt."""
+def score_join(frames: np.ndarray, mode: str, joins: list[int], prompt: str) -> dict:
+    """Seam ratio at the joins, step ratio, and the generated part's attributes against the prompt.
+    mode: one of JOIN_MODES; with `joins` it says which frames are new."""
+    if mode == "interpolate":
+        new = slice(joins[0], joins[-1])
+    else:
+        new = slice(joins[0], None) if mode == "extend_forward" else slice(0, joins[0])
     part = frames[new]
     scale = len(part) / max(1, len(frames))
     score = toyscore.score_video(part, prompt, travel_scale=scale)
@@ -319,10 +324,7 @@ def _joins(pipe, specs: list, cfg: GenerationConfig, save_dir, log) -> tuple[dic
         }
         for mode, run in runs.items():
             gen = run()
-            joins = gen.record["joins"]
-            new = slice(joins[0], joins[-1]) if mode == "interpolate" else (
-                slice(joins[0], None) if mode == "extend_forward" else slice(0, joins[0]))
-            r = score_join(gen.frames, joins, new, spec.caption)
+            r = score_join(gen.frames, mode, gen.record["joins"], spec.caption)
             results[mode].append(r)
             rows.append({"mode": mode, "prompt": spec.caption, "size": [spec.width, spec.height, t], **r})
             log(f"{mode} {i + 1}/{len(specs)} seam {r['seam']:.2f} {'kept' if r['all_kept'] else 'LOST'} {spec.caption}")
@@ -394,9 +396,7 @@ def eval_videos(root: str | Path, log: Callable[[str], None] = lambda msg: None)
             continue
         mode = str(meta.get("mode", "text-to-video")).replace("-", "_")
         if mode in JOIN_MODES and meta.get("joins"):
-            j = [int(v) for v in meta["joins"]]
-            new = slice(j[0], j[-1]) if mode == "interpolate" else (slice(j[0], None) if mode == "extend_forward" else slice(0, j[0]))
-            r = score_join(frames, j, new, prompt)
+            r = score_join(frames, mode, [int(v) for v in meta["joins"]], prompt)
             joins[mode].append(r)
             rows.append({"video": str(video), "mode": mode, "prompt": prompt, **r})
         else:
