@@ -49,6 +49,7 @@ from sorakit.models.layers import (
     FinalLayer,
     PackedConvHead,
     TimestepEmbedder,
+    conv_head_problem,
     init_adaln_zero,
     packed_attention_mask,
 )
@@ -113,10 +114,8 @@ class RefinerConfig:
             raise ConfigError(f"refiner patch must be three positive sizes (pt, ph, pw), got {self.patch}")
         if self.attn_backend not in ATTN_BACKENDS:
             raise ConfigError(f"unknown attn_backend {self.attn_backend!r} (known: {', '.join(ATTN_BACKENDS)})")
-        if self.head_width < 0 or (self.head_width and self.head_depth < 1):
-            raise ConfigError("refiner head_width must be ≥ 0 and head_depth ≥ 1 with a head")
-        if len(self.head_kernel) != 3 or any(k < 1 or k % 2 == 0 for k in self.head_kernel):
-            raise ConfigError(f"refiner head_kernel must be three odd sizes (t, h, w), got {self.head_kernel}")
+        if problem := conv_head_problem(self.head_width, self.head_depth, self.head_kernel):
+            raise ConfigError(f"refiner {problem}")
         if self.attn_window is not None and (len(self.attn_window) != 3 or min(self.attn_window) < 1):
             raise ConfigError(f"refiner attn_window must be three positive token counts (t, h, w), got {self.attn_window}")
 

@@ -143,10 +143,11 @@ def test_fractional_positions_do_not_depend_on_where_a_video_is_placed():
     assert frac.min() > 0 and frac.max() < 1
 
 
-@pytest.mark.parametrize("rope", [*ROPE_KINDS, "mixed+comoving"])
+@pytest.mark.parametrize("rope", [*ROPE_KINDS, "mixed+comoving", "axial+head"])
 def test_model_runs_at_unseen_sizes_and_is_translation_invariant(rope):
-    rope, _, comoving = rope.partition("+")
-    dit = _randomise(build_dit("tiny", rope=rope, frac_pos_freqs=3 if rope == "mixed_frac" else 0, comoving=bool(comoving)))
+    rope, _, extra = rope.partition("+")
+    dit = _randomise(build_dit("tiny", rope=rope, frac_pos_freqs=3 if rope == "mixed_frac" else 0,
+                               comoving=extra == "comoving", head_width=8 if extra == "head" else 0))
     z = torch.randn(4, 9, 26, 3)  # odd sizes: patch padding, an aspect far from anything trained
     batch, args = _inputs(dit, [z], [torch.randn(3, 32)])
     out = dit(*args)
@@ -295,21 +296,31 @@ def test_mix_mlp_convolves_each_packed_video_on_its_own_grid_like_conv3d():
     assert batch.videos[0].keep is not None  # the dropped tokens were exercised
 
 
-def test_mix_mlp_dit_starts_as_the_plain_dit_and_keeps_packed_videos_apart():
+# Each local extra: its options, the parameters that training would move off their starting values,
+# and options it must refuse.
+_LOCAL_EXTRAS = {
+    "mlp_kernel": (dict(mlp_kernel=(3, 3, 3)), lambda m: [b.mlp.taps for b in m.blocks], dict(mlp_kernel=(1, 2, 3))),
+    "head": (dict(head_width=8), lambda m: list(m.head.parameters()), dict(head_width=8, head_kernel=(1, 2, 3))),
+}
+
+
+@pytest.mark.parametrize("extra", list(_LOCAL_EXTRAS))
+def test_local_extras_start_as_the_plain_dit_and_keep_packed_videos_apart(extra):
+    options, trained, invalid = _LOCAL_EXTRAS[extra]
     plain = _randomise(build_dit("tiny", attn_backend="dense"))
-    mixed = build_dit("tiny", attn_backend="dense", mlp_kernel=(3, 3, 3)).eval()
-    mixed.load_state_dict(plain.state_dict(), strict=False)  # fresh taps: the centre 1, the rest 0
+    extended = build_dit("tiny", attn_backend="dense", **options).eval()
+    extended.load_state_dict(plain.state_dict(), strict=False)  # fresh taps: the centre 1; the head's output: 0
     a, b = torch.randn(4, 3, 6, 8), torch.randn(4, 2, 4, 6)
     texts = [torch.randn(5, 32), torch.randn(3, 32)]
     batch, args = _inputs(plain, [a, b], texts)
     with torch.no_grad():
-        torch.testing.assert_close(mixed(*args), plain(*args))
-        for block in mixed.blocks:
-            block.mlp.taps.normal_(0, 0.5)
-        out = batch.unpack(mixed(*args))
-        assert (out[0] - batch.unpack(plain(*args))[0]).abs().max() > 1e-3  # the taps are used
+        torch.testing.assert_close(extended(*args), plain(*args))
+        for p in trained(extended):
+            p.normal_(0, 0.5)
+        out = batch.unpack(extended(*args))
+        assert (out[0] - batch.unpack(plain(*args))[0]).abs().max() > 1e-3  # the extra is used
         _, args2 = _inputs(plain, [a * 3 + 1, b], texts)
-        out2 = batch.unpack(mixed(*args2))
+        out2 = batch.unpack(extended(*args2))
     torch.testing.assert_close(out2[1], out[1], atol=1e-5, rtol=0)  # changing A leaves B alone
-    with pytest.raises(ValueError, match="mlp_kernel"):
-        dit_config("tiny", mlp_kernel=(1, 2, 3))
+    with pytest.raises(ValueError, match=list(invalid)[-1]):
+        dit_config("tiny", **invalid)
