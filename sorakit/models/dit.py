@@ -235,8 +235,8 @@ class DiT(nn.Module):
         h = self.x_embed(x)  # (B, N, D)
         if self.sc_embed is not None and x0_prev is not None:
             h = h + self.sc_embed(x0_prev.to(h.dtype))
-        frac = size = origin = None
-        if self.frac_embed is not None or self.config.rope == "mixed_frac" or self.velocity is not None or self.head is not None:
+        frac = size = None
+        if self.frac_embed is not None or self.config.rope == "mixed_frac" or self.velocity is not None:
             origin, size = video_extents(pos, seq_ids, slots=pooled.shape[1])  # (B, N, 3) each
             frac = fractional_positions(pos, seq_ids, extents=(origin, size))  # (B, N, 3)
         if self.frac_embed is not None:
@@ -264,7 +264,7 @@ class DiT(nn.Module):
         out = self.final(h, cond, cond_idx)  # (B, N, P)
         if self.head is not None:
             time = t[..., None].to(out.dtype).expand(*t.shape, math.prod(self.patch))  # (B, N, pt·ph·pw): one channel
-            out = out + self.head(torch.cat([out, x, time], dim=-1), pos - origin, seq_ids)
+            out = out + self.head(torch.cat([out, x, time], dim=-1), pos, seq_ids)
         return (out, hidden) if hidden_at else out
 
 

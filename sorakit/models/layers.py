@@ -494,7 +494,10 @@ class PackedConvHead(nn.Module):
         p = pos[valid].long()  # (M, 3)
         src = tokens[valid]
         nv = int(video.max()) + 1
-        extent = p.new_zeros(nv, 3).scatter_reduce(0, video[:, None].expand(-1, 3), p + 1, "amax")
+        per_video = video[:, None].expand(-1, 3)
+        # Each video's grid starts at its own first position (a sliding window may not start at 0).
+        p = p - p.new_full((nv, 3), torch.iinfo(p.dtype).max).scatter_reduce(0, per_video, p, "amin")[video]
+        extent = p.new_zeros(nv, 3).scatter_reduce(0, per_video, p + 1, "amax")
         # Videos of one extent share a canvas of exactly that size: a batch of mixed sizes wastes no
         # convolution on padding, and a row of equal training windows is one call.
         shapes, group = torch.unique(extent, dim=0, return_inverse=True)
