@@ -8,8 +8,8 @@ Attention never crosses videos:
   `attention(q, k, v, mask)` runs it with one of three back ends:
   - ``dense``: `scaled_dot_product_attention` with a (B, 1, N, N) boolean block-diagonal mask. Works
     everywhere with gradients; costs the square of the row.
-  - ``segments``: one `scaled_dot_product_attention` call per video (videos are contiguous in a
-    row). Costs the sum of per-video squares, with gradients, on any device; a Python loop per video.
+  - ``segments``: one `video_attention` call per video (videos are contiguous in a row). Costs the
+    sum of per-video squares, with gradients, on any device; a Python loop per video.
   - ``flex``: `flex_attention` with a `BlockMask` (compiled), which skips the blocks the mask zeroes:
     the GPU path. PyTorch runs flex_attention's backward only on GPUs.
   ``auto`` picks ``flex`` on CUDA and ``segments`` elsewhere (see docs/benchmarks.md).
@@ -35,6 +35,9 @@ from torch import nn
 
 AttnBackend = Literal["auto", "dense", "segments", "flex"]
 ATTN_BACKENDS: tuple[str, ...] = ("auto", "dense", "segments", "flex")
+# Above this many tokens a video's plain bf16 product is no faster than the flash kernel on a CPU
+# (bench/cpu_precision.py), and its (N, N) score matrices only cost memory.
+CPU_BF16_MATH_MAX_TOKENS = 1024
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,6 +108,16 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, com
     return _compiled_flex(q, k, v, block_mask=block_mask)
 
 
+def video_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked attention within one video: `scaled_dot_product_attention`, except for short bf16
+    videos on a CPU. PyTorch's CPU flash kernel runs bf16 slower than float32 at small head sizes,
+    while bf16 matmuls run several times faster than float32 ones on CPUs with AVX512-BF16 or AMX
+    (bench/cpu_precision.py), so those take the plain product."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] <= CPU_BF16_MATH_MAX_TOKENS:
+        return ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1) @ v  # (B, H, N, Dh)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PackedMask) -> torch.Tensor:
     """Self-attention of packed rows: q, k, v (B, H, N, Dh) → (B, H, N, Dh); never crosses videos."""
     if mask.backend == "dense":
@@ -118,7 +131,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PackedMas
         outs = []
         for s, e, is_video in pieces:
             if is_video:
-                outs.append(F.scaled_dot_product_attention(q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e]))
+                outs.append(video_attention(q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e]))
             else:  # padding: its output is never read, zeros keep it finite
                 outs.append(q.new_zeros(1, q.shape[1], e - s, v.shape[-1]))
         rows.append(torch.cat(outs, dim=2))
@@ -507,7 +520,8 @@ class PackedConvHead(nn.Module):
             local = torch.full((nv,), -1, dtype=torch.long, device=tokens.device)
             local[members] = torch.arange(len(members), device=tokens.device)
             sel = local[video] >= 0
-            res[sel] = self._convolve(src[sel], local[video[sel]], p[sel], len(members), shape)
+            # Under autocast the convolutions return bf16 while the tokens (and `res`) are float32.
+            res[sel] = self._convolve(src[sel], local[video[sel]], p[sel], len(members), shape).to(res.dtype)
         out = tokens.new_zeros(b, n, res.shape[-1])
         out[valid] = res
         return out

@@ -21,7 +21,7 @@ class TrainerConfig:
     devices: Any = "auto"  # an int, a list of ids, or "auto"
     num_nodes: int = 1
     strategy: str = "auto"  # "ddp", "fsdp", "ddp_spawn", ...
-    precision: str = "32-true"  # "bf16-mixed" on GPUs
+    precision: str = "32-true"  # Lightning's, or "auto": bf16-mixed where bf16 is fast (`resolve_precision`)
     accumulate_grad_batches: int = 1
     gradient_clip_val: float = 1.0
     log_every_n_steps: int = 10
@@ -39,6 +39,32 @@ class OptimConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.1
     ema_decay: float = 0.0  # 0 turns EMA off; the exported model holds the EMA weights when on
+
+
+# CPU features that make bf16 matmuls several times faster than float32 ones (bench/cpu_precision.py);
+# a CPU without them converts bf16 to float32 for its matmuls, so `bf16-mixed` cannot gain there.
+FAST_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty where there is no /proc/cpuinfo)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def resolve_precision(precision: str, accelerator: str, flags: set[str] | None = None) -> str:
+    """Lightning's precision for a config's `precision`: "auto" is bf16-mixed where bf16 runs fast
+    (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX) and 32-true elsewhere."""
+    if precision != "auto":
+        return precision
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    flags = cpu_flags() if flags is None else flags
+    return "bf16-mixed" if flags & set(FAST_BF16_CPU_FLAGS) else "32-true"
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
@@ -104,7 +130,7 @@ def build_trainer(cfg: TrainerConfig, out_dir: str | Path, optim: OptimConfig | 
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
-        precision=cfg.precision,
+        precision=resolve_precision(cfg.precision, cfg.accelerator),
         accumulate_grad_batches=cfg.accumulate_grad_batches,
         gradient_clip_val=cfg.gradient_clip_val or None,
         log_every_n_steps=cfg.log_every_n_steps,

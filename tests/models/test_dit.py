@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sorakit.data.packing import pack, pack_text
+from sorakit.models import layers
 from sorakit.models.dit import DIT_PRESETS, ROPE_KINDS, DiT, build_dit, dit_config, fractional_positions, video_extents
 from sorakit.models.io import load_pretrained, save_pretrained
 from sorakit.models.layers import AxialRoPE3D, MixedRoPE3D, Mlp, apply_rope
@@ -64,6 +65,31 @@ def test_backends_agree():
     for backend in ("segments", "flex"):
         dit.config.attn_backend = backend
         torch.testing.assert_close(dit(*args), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("plain_up_to", [layers.CPU_BF16_MATH_MAX_TOKENS, 0])  # plain bf16 product, flash kernel
+def test_bf16_autocast_on_cpu_follows_float32_and_keeps_videos_apart(monkeypatch, plain_up_to):
+    # `trainer.precision: bf16-mixed` on a CPU: short videos take the plain bf16 attention product.
+    monkeypatch.setattr(layers, "CPU_BF16_MATH_MAX_TOKENS", plain_up_to)
+    q, k, v = torch.randn(3, 1, 2, 50, 16).mul(2).unbind(0)  # peaked attention, as a trained model's
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    fast = layers.video_attention(*(x.bfloat16() for x in (q, k, v)))
+    assert fast.dtype == torch.bfloat16 and ((fast.float() - exact).norm() / exact.norm()).item() < 0.02
+    dit = _randomise(build_dit("tiny", attn_backend="segments", head_width=8))  # the conv head too
+    lat = [torch.randn(4, 3, 5, 7), torch.randn(4, 2, 6, 6)]
+    texts = [torch.randn(4, 32), torch.randn(3, 32)]
+    batch, args = _inputs(dit, lat, texts)
+    ref = dit(*args)
+    x = args[0].clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dit(x, *args[1:])
+        _, args2 = _inputs(dit, [lat[0] * 3 + 1, lat[1]], [texts[0].flip(0), texts[1]])
+        out2 = dit(*args2)
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 0.03
+    a, b = batch.videos
+    torch.testing.assert_close(out2[b.row, b.start : b.start + b.length], out[b.row, b.start : b.start + b.length])
+    out[b.row, b.start : b.start + b.length].float().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad[a.row, a.start : a.start + a.length].abs().max() == 0
 
 
 def test_rope_scores_depend_only_on_relative_position_even_far_beyond_training_sizes():

@@ -69,9 +69,10 @@ def _args(ws: Path, out: Path, steps: int, *extra: str) -> list[str]:
     ]
 
 
-def test_training_lowers_the_loss_and_exports_a_pipeline(workspace, tmp_path):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])  # bf16-mixed: GPUs, and CPUs with AVX512-BF16
+def test_training_lowers_the_loss_and_exports_a_pipeline(workspace, tmp_path, precision):
     out = tmp_path / "run"
-    assert main(_args(workspace, out, 16)) == 0
+    assert main(_args(workspace, out, 16, "--set", f"trainer.precision={precision}")) == 0
     pipe = load_pipeline(out)
     assert json.loads((out / "dit" / "config.json").read_text())["trained_steps"] == 16
     # Same batches, noise and times for the trained DiT and a fresh one (which predicts zero).
