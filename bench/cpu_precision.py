@@ -30,9 +30,9 @@ import torch.nn.functional as F  # noqa: E402
 from bench.packing import latent_shape, toy_mix  # noqa: E402
 from sorakit.config import load_config  # noqa: E402
 from sorakit.data.packing import first_fit_decreasing, num_tokens, pack, pack_text  # noqa: E402
-from sorakit.models.dit import build_dit  # noqa: E402
+from sorakit.models.dit import DiT, DiTConfig, dit_config  # noqa: E402
 from sorakit.models.layers import video_attention  # noqa: E402
-from sorakit.models.vae import vae_config  # noqa: E402
+from sorakit.models.vae import VAEConfig, vae_config  # noqa: E402
 from sorakit.training.common import FAST_BF16_CPU_FLAGS, cpu_flags, resolve_precision  # noqa: E402
 from sorakit.training.dit import TrainDiTConfig, diffusion_loss  # noqa: E402
 
@@ -81,10 +81,9 @@ def train_seconds(model, rows, cfg: TrainDiTConfig, bf16: bool) -> float:
     return time.perf_counter() - start
 
 
-def training_throughput(cfg: TrainDiTConfig, num_rows: int) -> float:
-    model = build_dit(cfg.preset, in_channels=4, **cfg.model)
-    patch, budget = tuple(model.config.patch), cfg.data.max_tokens
-    vae = vae_config("toy")
+def training_throughput(cfg: TrainDiTConfig, model_config: DiTConfig, vae: VAEConfig, num_rows: int) -> float:
+    model = DiT(model_config)
+    patch, budget = tuple(model_config.patch), cfg.data.max_tokens
     rng = random.Random(0)
     lat = []
     for f, h, w in toy_mix(num_rows * 8, rng):
@@ -119,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     found = ", ".join(sorted(cpu_flags() & set(FAST_BF16_CPU_FLAGS))) or "none"
     print(f"CPU flags for fast bf16: {found}; precision 'auto' on this CPU: {resolve_precision('auto', 'cpu')}; "
           f"torch {torch.__version__}, {args.threads} thread(s)")
-    model = build_dit(cfg.preset, in_channels=4, **cfg.model)
-    heads = model.config.heads
-    attention_times([64, 200, 400, 800, 1600], heads, model.config.dim // heads)
-    training_throughput(cfg, 4 if args.quick else 12)
+    vae = vae_config("toy")
+    model_config = dit_config(cfg.preset, in_channels=vae.latent_channels, **cfg.model)
+    attention_times([64, 200, 400, 800, 1600], model_config.heads, model_config.dim // model_config.heads)
+    training_throughput(cfg, model_config, vae, 4 if args.quick else 12)
     return 0
 
 

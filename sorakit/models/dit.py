@@ -48,6 +48,7 @@ from sorakit.models.layers import (
     conv_head_problem,
     cross_attention_mask,
     init_adaln_zero,
+    kernel_problem,
     neighbour_index,
     packed_attention_mask,
 )
@@ -106,9 +107,8 @@ class DiTConfig:
             raise ConfigError(f"dit head dimension {self.dim // self.heads} must be even and at least 6 for 3D RoPE")
         if len(self.patch) != 3 or min(self.patch) < 1:
             raise ConfigError(f"dit patch must be three positive sizes (pt, ph, pw), got {self.patch}")
-        if len(self.mlp_kernel) != 3 or any(k < 1 or k % 2 == 0 for k in self.mlp_kernel):
-            raise ConfigError(f"dit mlp_kernel must be three odd positive sizes (kt, kh, kw), got {self.mlp_kernel}")
-        if problem := conv_head_problem(self.head_width, self.head_depth, self.head_kernel):
+        if problem := (kernel_problem("mlp_kernel", self.mlp_kernel)
+                       or conv_head_problem(self.head_width, self.head_depth, self.head_kernel)):
             raise ConfigError(f"dit {problem}")
         if self.rope not in ROPE_KINDS:
             raise ConfigError(f"dit rope must be one of {', '.join(ROPE_KINDS)}, got {self.rope!r}")

@@ -465,13 +465,19 @@ def init_adaln_zero(module: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def kernel_problem(name: str, kernel: tuple[int, ...]) -> str | None:
+    """Why a (t, h, w) convolution kernel setting `name` is invalid (None when it is valid): a
+    centred "same" convolution needs three odd positive sizes."""
+    if len(kernel) != 3 or any(k < 1 or k % 2 == 0 for k in kernel):
+        return f"{name} must be three odd positive sizes (t, h, w), got {tuple(kernel)}"
+    return None
+
+
 def conv_head_problem(width: int, depth: int, kernel: tuple[int, ...]) -> str | None:
     """Why a `PackedConvHead` setting is invalid (None when it is valid); width 0 means no head."""
     if width < 0 or (width and depth < 1):
         return "head_width must be ≥ 0 and head_depth ≥ 1 with a head"
-    if len(kernel) != 3 or any(k < 1 or k % 2 == 0 for k in kernel):
-        return f"head_kernel must be three odd sizes (t, h, w), got {tuple(kernel)}"
-    return None
+    return kernel_problem("head_kernel", kernel)
 
 
 class PackedConvHead(nn.Module):
