@@ -26,7 +26,7 @@ import lightning as L
 import torch
 
 from sorakit.config import from_dict, save_config, to_dict
-from sorakit.training.common import OptimConfig, TrainerConfig, build_trainer, configure_adamw, fit
+from sorakit.training.common import BudgetedOptimisation, OptimConfig, TrainerConfig, build_trainer, fit
 
 
 @dataclass
@@ -173,7 +173,7 @@ def training_vocab(shards) -> list[int]:
 # --------------------------------------------------------------------------------------------
 
 
-class CaptionerModule(L.LightningModule):
+class CaptionerModule(BudgetedOptimisation, L.LightningModule):
     def __init__(self, cfg: TrainCaptionerConfig, model_config):
         super().__init__()
         from sorakit.models.captioner import VideoCoCa
@@ -192,9 +192,6 @@ class CaptionerModule(L.LightningModule):
         self.log("contrastive", losses["contrastive"], prog_bar=True, batch_size=bs)
         self.log("caption", losses["caption"], prog_bar=True, batch_size=bs)
         return loss
-
-    def configure_optimizers(self):
-        return configure_adamw(self.parameters(), self.cfg.optim, self.cfg.trainer.max_steps)
 
 
 class CaptionerData(L.LightningDataModule):

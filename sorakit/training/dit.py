@@ -54,7 +54,7 @@ from sorakit.diffusion import (
     target,
     training_shift,
 )
-from sorakit.training.common import OptimConfig, TrainerConfig, build_trainer, configure_adamw, fit
+from sorakit.training.common import BudgetedOptimisation, OptimConfig, TrainerConfig, build_trainer, fit
 
 MASK_MODES: tuple[str, ...] = ("t2v", "i2v", "forward", "backward", "interpolate")
 
@@ -298,7 +298,7 @@ def diffusion_loss(
 # --------------------------------------------------------------------------------------------
 
 
-class DiTModule(L.LightningModule):
+class DiTModule(BudgetedOptimisation, L.LightningModule):
     def __init__(self, cfg: TrainDiTConfig, model_config):
         super().__init__()
         from sorakit.models.dit import DiT
@@ -329,9 +329,6 @@ class DiTModule(L.LightningModule):
             self.log("tokens_per_s", packed.real_tokens / max(now - self._t0, 1e-6), batch_size=n)
         self._t0 = now
         return loss
-
-    def configure_optimizers(self):
-        return configure_adamw(self.parameters(), self.cfg.optim, self.cfg.trainer.max_steps)
 
 
 def _rank_world() -> tuple[int, int]:

@@ -41,7 +41,7 @@ from sorakit.data.packing import VIDEO_WEIGHTINGS, pack, per_video_loss
 from sorakit.diffusion import alpha_sigma, loss_weight, network_time, sample_t, target, training_shift
 from sorakit.generation.refine import downsample_video
 from sorakit.models.refiner import Refiner, RefinerConfig, Scales, refined_shape, refiner_config, upsample_latent
-from sorakit.training.common import OptimConfig, TrainerConfig, build_trainer, configure_adamw, fit
+from sorakit.training.common import BudgetedOptimisation, OptimConfig, TrainerConfig, build_trainer, fit
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (high-res latent, low-res latent)
 PIXELS = "pixels"  # `vae: pixels`: refine in pixel space (the identity VAE, `sorakit.models.vae` kind "pixels")
@@ -324,7 +324,7 @@ class RefinerData(L.LightningDataModule):
 # --------------------------------------------------------------------------------------------
 
 
-class RefinerModule(L.LightningModule):
+class RefinerModule(BudgetedOptimisation, L.LightningModule):
     def __init__(self, cfg: TrainRefinerConfig, model_config: RefinerConfig, vae):
         super().__init__()
         self.cfg = cfg
@@ -344,9 +344,6 @@ class RefinerModule(L.LightningModule):
         loss, _ = refiner_loss(self.model, pairs, self.cfg.aug_max, self.cfg.video_weighting, self.cfg.data.max_tokens)
         self.log("loss", loss, prog_bar=True, batch_size=len(pairs))
         return loss
-
-    def configure_optimizers(self):
-        return configure_adamw(self.model.parameters(), self.cfg.optim, self.cfg.trainer.max_steps)
 
 
 def _relative(target: Path, base: Path) -> str:

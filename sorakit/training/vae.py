@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import lightning as L
 import numpy as np
@@ -35,7 +34,7 @@ from torch import nn
 
 from sorakit.config import ConfigError, save_config, to_dict
 from sorakit.models.vae import VAE, VAEConfig, vae_config
-from sorakit.training.common import OptimConfig, TrainerConfig, build_trainer, configure_adamw, fit, lr_lambda
+from sorakit.training.common import BudgetedOptimisation, OptimConfig, TrainerConfig, build_trainer, fit
 
 
 @dataclass
@@ -261,7 +260,7 @@ def frames_of(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-class VAEModule(L.LightningModule):
+class VAEModule(BudgetedOptimisation, L.LightningModule):
     def __init__(self, cfg: TrainVAEConfig, model_config: VAEConfig):
         super().__init__()
         self.cfg = cfg
@@ -270,7 +269,6 @@ class VAEModule(L.LightningModule):
         self.disc = PatchDiscriminator(lc.disc_channels) if lc.adversarial_weight > 0 else None
         # A list keeps the frozen VGG out of checkpoints, EMA and the optimiser.
         self._perceptual = [VGGPerceptual(lc.perceptual_weights)] if lc.perceptual_weights else []
-        self._elapsed_before = 0.0
 
     def on_fit_start(self) -> None:
         for p in self._perceptual:
@@ -310,45 +308,6 @@ class VAEModule(L.LightningModule):
         if every and self.global_step % every == 0 and self.trainer.is_global_zero:
             save_reconstructions(Path(self.cfg.out) / "reconstructions" / f"step_{self.global_step:07d}.png", x, recon)
         return loss
-
-    # Wall-clock time trained so far, kept in checkpoints so a resumed run keeps its time budget.
-    def on_train_start(self) -> None:
-        self._clock_start = time.monotonic()
-
-    def elapsed_seconds(self) -> float:
-        start = getattr(self, "_clock_start", None)
-        return self._elapsed_before + (time.monotonic() - start if start is not None else 0.0)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["elapsed_seconds"] = self.elapsed_seconds()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._elapsed_before = float(checkpoint.get("elapsed_seconds", 0.0))
-
-    def configure_optimizers(self):
-        tc, oc = self.cfg.trainer, self.cfg.optim
-        out = configure_adamw(self.parameters(), oc, tc.max_steps)
-        if tc.max_minutes:
-            schedule = time_budget_schedule(oc, tc.max_steps, tc.max_minutes * 60, self.elapsed_seconds)
-            out["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(out["optimizer"], schedule)
-        return out
-
-
-def time_budget_schedule(optim: OptimConfig, total_steps: int, budget_seconds: float, elapsed: Callable[[], float]):
-    """The shared warm-up + cosine schedule, driven by the step count or by the share of the time
-    budget (`trainer.max_minutes`) used, whichever is further along: on a slow or busy machine the
-    learning rate has still decayed when the time runs out, which is worth several dB of PSNR.
-
-    A plain function, not a callable object, so LambdaLR keeps it out of checkpoints."""
-    f = lr_lambda(optim, total_steps)
-
-    def factor(step: int) -> float:
-        if step < optim.warmup_steps:
-            return f(step)
-        by_time = optim.warmup_steps + elapsed() / budget_seconds * (total_steps - optim.warmup_steps)
-        return f(max(step, int(by_time)))
-
-    return factor
 
 
 def save_reconstructions(path: Path, x: torch.Tensor, recon: torch.Tensor, clips: int = 4, frames: int = 4) -> None:

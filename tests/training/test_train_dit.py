@@ -109,6 +109,7 @@ def test_resume_continues_the_step_count(workspace, tmp_path):
     meta = json.loads((out / "dit" / "config.json").read_text())
     assert meta["trained_steps"] == 8
     assert max(steps) == 7 and steps.count(4) >= 1  # the second run logged steps 4..7, not 0..3 again
+    assert min(steps) == 0  # and the first run's rows are still there: one history, not two halves
 
 
 def test_bad_config_is_a_one_line_error(workspace, tmp_path, capsys):
