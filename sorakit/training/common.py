@@ -84,8 +84,9 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
     return f
 
 
-def configure_adamw(params, cfg: OptimConfig, total_steps: int) -> dict:
-    """The return value of `LightningModule.configure_optimizers`: AdamW + per-step warm-up/cosine."""
+def configure_adamw(params, cfg: OptimConfig, schedule: Callable[[int], float]) -> dict:
+    """The return value of `LightningModule.configure_optimizers`: AdamW + a per-step learning-rate
+    factor (`lr_lambda` or `time_budget_schedule`)."""
     params = list(params)
     decay = [p for p in params if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in params if p.requires_grad and p.ndim < 2]  # norms and biases
@@ -94,7 +95,7 @@ def configure_adamw(params, cfg: OptimConfig, total_steps: int) -> dict:
         lr=cfg.lr,
         betas=tuple(cfg.betas),
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -136,6 +137,8 @@ class BudgetedOptimisation:
         return self._elapsed_before + running
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if not self.cfg.trainer.max_minutes:  # no budget: the schedule never reads the clock
+            return
         elapsed = self.elapsed_seconds()
         if self.trainer.world_size > 1:
             elapsed = float(self.trainer.strategy.reduce(torch.tensor(elapsed, device=self.device), reduce_op="max"))
@@ -149,11 +152,11 @@ class BudgetedOptimisation:
 
     def configure_optimizers(self):
         tc, oc = self.cfg.trainer, self.cfg.optim
-        out = configure_adamw(self.parameters(), oc, tc.max_steps)
         if tc.max_minutes:
             schedule = time_budget_schedule(oc, tc.max_steps, tc.max_minutes * 60, lambda: self._elapsed_agreed)
-            out["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(out["optimizer"], schedule)
-        return out
+        else:
+            schedule = lr_lambda(oc, tc.max_steps)
+        return configure_adamw(self.parameters(), oc, schedule)
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
