@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import csv
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -121,34 +121,24 @@ class BudgetedOptimisation:
     stage AdamW with the shared schedule, decayed by steps or by its time budget, whichever is
     further along (`time_budget_schedule`). The module sets `self.cfg` with `trainer` and `optim`.
 
-    The wall-clock time trained so far is kept in checkpoints, so a resumed run keeps its budget,
-    and is agreed across processes before every step (the slowest process's), so every DDP rank
-    applies the same learning rate and the replicas stay identical."""
+    The clock is the one `Trainer(max_time=...)` already keeps (Lightning's `Timer` callback, which
+    stores the time trained in checkpoints, so a resumed run keeps its budget). The time is agreed
+    across processes before every step (the slowest process's), so every DDP rank applies the same
+    learning rate and the replicas stay identical."""
 
-    _elapsed_before = 0.0  # from the checkpoint a run resumed from
-    _clock_start: float | None = None
     _elapsed_agreed = 0.0  # what the schedule reads: the same on every rank
-
-    def on_train_start(self) -> None:
-        self._clock_start = time.monotonic()
-
-    def elapsed_seconds(self) -> float:
-        running = time.monotonic() - self._clock_start if self._clock_start is not None else 0.0
-        return self._elapsed_before + running
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self.cfg.trainer.max_minutes:  # no budget: the schedule never reads the clock
             return
-        elapsed = self.elapsed_seconds()
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is None:
+            raise RuntimeError("trainer.max_minutes is set but the Trainer keeps no clock: build it with "
+                               "build_trainer (which passes max_time)")
+        elapsed = timer.time_elapsed("train")
         if self.trainer.world_size > 1:
             elapsed = float(self.trainer.strategy.reduce(torch.tensor(elapsed, device=self.device), reduce_op="max"))
         self._elapsed_agreed = elapsed
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["elapsed_seconds"] = self.elapsed_seconds()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._elapsed_before = self._elapsed_agreed = float(checkpoint.get("elapsed_seconds", 0.0))
 
     def configure_optimizers(self):
         tc, oc = self.cfg.trainer, self.cfg.optim
