@@ -127,15 +127,20 @@ class BudgetedOptimisation:
     learning rate and the replicas stay identical."""
 
     _elapsed_agreed = 0.0  # what the schedule reads: the same on every rank
+    _timer: Timer | None = None  # found once per fit, not on every step
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+    def on_train_start(self) -> None:
         if not self.cfg.trainer.max_minutes:  # no budget: the schedule never reads the clock
             return
-        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
-        if timer is None:
+        self._timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        if self._timer is None:
             raise RuntimeError("trainer.max_minutes is set but the Trainer keeps no clock: build it with "
                                "build_trainer (which passes max_time)")
-        elapsed = timer.time_elapsed("train")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._timer is None:
+            return
+        elapsed = self._timer.time_elapsed("train")
         if self.trainer.world_size > 1:
             elapsed = float(self.trainer.strategy.reduce(torch.tensor(elapsed, device=self.device), reduce_op="max"))
         self._elapsed_agreed = elapsed
