@@ -5,6 +5,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 RUN    ?= runs/demo
+# The demo's budget, counted from when `make demo` starts (installing included).
+DEMO_MINUTES ?= 60
+START  := $(shell date +%s)
 
 .PHONY: install test demo smoke bench clean
 
@@ -22,7 +25,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(MAKE) -C recipes/toy all RUN=$(abspath $(RUN)) SORAKIT=$(abspath $(VENV))/bin/sorakit
+	$(MAKE) -C recipes/toy all RUN=$(abspath $(RUN)) SORAKIT=$(abspath $(VENV))/bin/sorakit \
+		DEMO_END=$$(( $(START) + $(DEMO_MINUTES) * 60 ))
+	@echo "make demo: done in $$(( ($$(date +%s) - $(START)) / 60 )) min (budget $(DEMO_MINUTES))"
 
 smoke: $(STAMP)
 	rm -rf runs/smoke

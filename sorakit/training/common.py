@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -32,6 +33,9 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 200
     max_minutes: float | None = None  # wall-clock budget; training stops cleanly when it runs out
+    # A deadline (Unix time, e.g. `$(date -d '+50 min' +%s)`): the run ends by then even if max_minutes
+    # has not run out, and its schedule decays to fit (a job's time limit, or the demo's hour).
+    finish_by: float | None = None
     seed: int = 0
 
 
@@ -99,9 +103,9 @@ def configure_adamw(params, cfg: OptimConfig, schedule: Callable[[int], float]) 
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def time_budget_schedule(optim: OptimConfig, total_steps: int, budget_seconds: float, elapsed: Callable[[], float]):
+def time_budget_schedule(optim: OptimConfig, total_steps: int, used: Callable[[], float]):
     """The shared warm-up + cosine schedule, driven by the step count or by the share of the time
-    budget (`trainer.max_minutes`) used, whichever is further along: on a slow or busy machine the
+    budget used (`used()`, 0 to 1), whichever is further along: on a slow or busy machine the
     learning rate has still decayed when the time runs out (worth several dB of PSNR to the toy VAE).
 
     A plain function, not a callable object, so LambdaLR keeps it out of checkpoints."""
@@ -110,32 +114,49 @@ def time_budget_schedule(optim: OptimConfig, total_steps: int, budget_seconds: f
     def factor(step: int) -> float:
         if step < optim.warmup_steps:
             return f(step)
-        by_time = optim.warmup_steps + elapsed() / budget_seconds * (total_steps - optim.warmup_steps)
+        by_time = optim.warmup_steps + used() * (total_steps - optim.warmup_steps)
         return f(max(step, int(by_time)))
 
     return factor
 
 
+def time_budget(cfg: TrainerConfig, elapsed: float, now: float) -> float:
+    """Seconds of training a run may use in all, `elapsed` of them already used (a resumed run's):
+    `max_minutes`, or less where `finish_by` comes first (infinite with neither)."""
+    budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+    if cfg.finish_by is not None:
+        if cfg.finish_by <= now:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(cfg.finish_by))
+            raise ValueError(f"trainer.finish_by ({when}) has already passed: no time is left to train")
+        budget = min(budget, elapsed + cfg.finish_by - now)
+    return budget
+
+
 class BudgetedOptimisation:
     """A LightningModule mixin (`class M(BudgetedOptimisation, L.LightningModule)`) that gives a
     stage AdamW with the shared schedule, decayed by steps or by its time budget, whichever is
-    further along (`time_budget_schedule`). The module sets `self.cfg` with `trainer` and `optim`.
+    further along (`time_budget_schedule`), and ends the run at `trainer.finish_by`. The module sets
+    `self.cfg` with `trainer` and `optim`.
 
-    The clock is the one `Trainer(max_time=...)` already keeps (Lightning's `Timer` callback, which
+    The clock is the one `build_trainer` gives the Trainer (Lightning's `Timer` callback, which
     stores the time trained in checkpoints, so a resumed run keeps its budget). The time is agreed
-    across processes before every step (the slowest process's), so every DDP rank applies the same
-    learning rate and the replicas stay identical."""
+    across processes before every step (the slowest process's), and the budget is rank 0's, so every
+    DDP rank applies the same learning rate and stops at the same step: the replicas stay identical."""
 
     _elapsed_agreed = 0.0  # what the schedule reads: the same on every rank
+    _budget = math.inf  # seconds, known once the checkpoint (and its clock) is restored
     _timer: Timer | None = None  # found once per fit, not on every step
 
     def on_train_start(self) -> None:
-        if not self.cfg.trainer.max_minutes:  # no budget: the schedule never reads the clock
+        tc = self.cfg.trainer
+        if not tc.max_minutes and tc.finish_by is None:  # no budget: the schedule never reads the clock
             return
         self._timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
         if self._timer is None:
-            raise RuntimeError("trainer.max_minutes is set but the Trainer keeps no clock: build it with "
-                               "build_trainer (which passes max_time)")
+            raise RuntimeError("the config sets a time budget but the Trainer keeps no clock: build it "
+                               "with build_trainer")
+        budget = time_budget(tc, self._timer.time_elapsed("train"), time.time())
+        self._budget = self.trainer.strategy.broadcast(budget)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._timer is None:
@@ -144,11 +165,13 @@ class BudgetedOptimisation:
         if self.trainer.world_size > 1:
             elapsed = float(self.trainer.strategy.reduce(torch.tensor(elapsed, device=self.device), reduce_op="max"))
         self._elapsed_agreed = elapsed
+        if elapsed >= self._budget:  # finish_by (max_minutes alone is the Timer's to enforce)
+            self.trainer.should_stop = True
 
     def configure_optimizers(self):
         tc, oc = self.cfg.trainer, self.cfg.optim
-        if tc.max_minutes:
-            schedule = time_budget_schedule(oc, tc.max_steps, tc.max_minutes * 60, lambda: self._elapsed_agreed)
+        if tc.max_minutes or tc.finish_by is not None:
+            schedule = time_budget_schedule(oc, tc.max_steps, lambda: self._elapsed_agreed / self._budget)
         else:
             schedule = lr_lambda(oc, tc.max_steps)
         return configure_adamw(self.parameters(), oc, schedule)
@@ -207,6 +230,8 @@ def build_trainer(cfg: TrainerConfig, out_dir: str | Path, optim: OptimConfig | 
     max_time = None
     if cfg.max_minutes is not None:
         max_time = {"minutes": cfg.max_minutes}
+    elif cfg.finish_by is not None:  # a clock for BudgetedOptimisation, which enforces the deadline
+        callbacks.append(Timer(verbose=False))
     return L.Trainer(
         max_steps=cfg.max_steps,
         max_time=max_time,

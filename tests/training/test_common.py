@@ -17,6 +17,7 @@ from sorakit.training.common import (
     cpu_flags,
     lr_lambda,
     resolve_precision,
+    time_budget,
     time_budget_schedule,
 )
 
@@ -34,7 +35,7 @@ def test_auto_precision_is_bf16_only_on_cpus_with_fast_bf16(tmp_path):
 def test_time_budget_schedule_decays_by_time_or_steps():
     optim = OptimConfig(warmup_steps=10, min_lr_ratio=0.1)
     clock = {"t": 0.0}
-    f = time_budget_schedule(optim, 1000, 600.0, lambda: clock["t"])
+    f = time_budget_schedule(optim, 1000, lambda: clock["t"] / 600.0)
     plain = lr_lambda(optim, 1000)
     assert f(5) == plain(5)  # warm-up is by steps
     assert f(100) == plain(100)  # no time used: the step schedule
@@ -44,6 +45,18 @@ def test_time_budget_schedule_decays_by_time_or_steps():
     assert f(100) == pytest.approx(optim.min_lr_ratio)
     clock["t"] = 1.0
     assert f(900) == plain(900)  # steps ahead of time: steps win
+
+
+def test_time_budget_is_max_minutes_or_less_where_finish_by_comes_first():
+    now = 1_000_000.0
+    assert time_budget(TrainerConfig(), 0.0, now) == float("inf")
+    assert time_budget(TrainerConfig(max_minutes=10), 0.0, now) == 600.0
+    assert time_budget(TrainerConfig(max_minutes=10, finish_by=now + 300), 0.0, now) == 300.0
+    assert time_budget(TrainerConfig(max_minutes=10, finish_by=now + 300), 200.0, now) == 500.0  # resumed
+    assert time_budget(TrainerConfig(max_minutes=10, finish_by=now + 3600), 0.0, now) == 600.0
+    assert time_budget(TrainerConfig(finish_by=now + 60), 0.0, now) == 60.0
+    with pytest.raises(ValueError, match="finish_by .* has already passed"):
+        time_budget(TrainerConfig(finish_by=now - 1), 0.0, now)
 
 
 class _Cfg:
@@ -85,3 +98,36 @@ def test_time_budget_is_agreed_across_ddp_ranks(tmp_path):
     assert r0["step"] == r1["step"] and 0 < r0["step"] < 1000
     assert torch.equal(r0["w"], r1["w"]) and r0["lr"] == r1["lr"]
     assert r0["lr"] < cfg.optim.lr * lr_lambda(cfg.optim, 1000)(r0["step"]) * 0.5
+
+
+class _Deadline(_Budgeted):
+    """Each rank moves its deadline (an hour away when the Trainer was built) to a few seconds away
+    once its process is up, rank 1's later than rank 0's."""
+
+    def on_fit_start(self):
+        self.cfg.trainer.finish_by = time.time() + 4 + 3 * self.global_rank
+
+    def on_train_end(self):
+        super().on_train_end()
+        torch.save({"finish_by": self.cfg.trainer.finish_by, "ended": time.time()},
+                   f"{self.cfg.out}/times{self.global_rank}.pt")
+
+
+def test_every_ddp_rank_stops_at_rank_zeros_deadline(tmp_path):
+    cfg = _Cfg(tmp_path, max_steps=1000, finish_by=time.time() + 3600, devices=2, strategy="ddp_spawn")
+    build_trainer(cfg.trainer, tmp_path).fit(_Deadline(cfg))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    t0, t1 = (torch.load(tmp_path / f"times{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["step"] == r1["step"] and 0 < r0["step"] < 1000
+    assert torch.equal(r0["w"], r1["w"]) and r0["lr"] == r1["lr"] < 0.05 * cfg.optim.lr  # decayed to fit
+    assert t1["ended"] < t0["finish_by"] + 1 < t1["finish_by"]  # one (slow) step past rank 0's at most
+
+
+def test_a_run_ends_at_its_deadline_with_its_rate_decayed(tmp_path):
+    """finish_by shortens max_minutes: the run stops there, its cosine at the end."""
+    cfg = _Cfg(tmp_path, max_steps=100_000, max_minutes=10, finish_by=time.time() + 3600)
+    build_trainer(cfg.trainer, tmp_path).fit(_Deadline(cfg))
+    end = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    times = torch.load(tmp_path / "times0.pt", weights_only=True)
+    assert times["ended"] < times["finish_by"] + 0.5
+    assert 0 < end["step"] < 100_000 and end["lr"] < 0.05 * cfg.optim.lr  # near the cosine's end (0 here)
