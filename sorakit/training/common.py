@@ -155,8 +155,14 @@ class BudgetedOptimisation:
         if self._timer is None:
             raise RuntimeError("the config sets a time budget but the Trainer keeps no clock: build it "
                                "with build_trainer")
-        budget = time_budget(tc, self._timer.time_elapsed("train"), time.time())
-        self._budget = self.trainer.strategy.broadcast(budget)
+        try:
+            budget: float | ValueError = time_budget(tc, self._timer.time_elapsed("train"), time.time())
+        except ValueError as e:
+            budget = e
+        budget = self.trainer.strategy.broadcast(budget)  # rank 0's: every rank the same budget, or error
+        if isinstance(budget, ValueError):
+            raise budget
+        self._budget = budget
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._timer is None:

@@ -131,3 +131,9 @@ def test_a_run_ends_at_its_deadline_with_its_rate_decayed(tmp_path):
     times = torch.load(tmp_path / "times0.pt", weights_only=True)
     assert times["ended"] < times["finish_by"] + 0.5
     assert 0 < end["step"] < 100_000 and end["lr"] < 0.05 * cfg.optim.lr  # near the cosine's end (0 here)
+
+
+def test_a_deadline_already_past_when_training_starts_is_a_clear_error(tmp_path):
+    cfg = _Cfg(tmp_path, max_steps=10, finish_by=time.time() - 1)
+    with pytest.raises(ValueError, match=r"trainer.finish_by \(.*\) has already passed"):
+        build_trainer(cfg.trainer, tmp_path).fit(_Budgeted(cfg))
