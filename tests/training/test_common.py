@@ -129,7 +129,7 @@ def test_a_run_ends_at_its_deadline_with_its_rate_decayed(tmp_path):
     build_trainer(cfg.trainer, tmp_path).fit(_Deadline(cfg))
     end = torch.load(tmp_path / "rank0.pt", weights_only=True)
     times = torch.load(tmp_path / "times0.pt", weights_only=True)
-    assert times["ended"] < times["finish_by"] + 0.5
+    assert times["ended"] < times["finish_by"] + 1  # one step past it at most
     assert 0 < end["step"] < 100_000 and end["lr"] < 0.05 * cfg.optim.lr  # near the cosine's end (0 here)
 
 
