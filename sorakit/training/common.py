@@ -175,11 +175,9 @@ class BudgetedOptimisation:
             self.trainer.should_stop = True
 
     def configure_optimizers(self):
-        tc, oc = self.cfg.trainer, self.cfg.optim
-        if tc.max_minutes or tc.finish_by is not None:
-            schedule = time_budget_schedule(oc, tc.max_steps, lambda: self._elapsed_agreed / self._budget)
-        else:
-            schedule = lr_lambda(oc, tc.max_steps)
+        oc = self.cfg.optim
+        # Without a time budget the share used stays 0 (0 / inf), which is the plain step schedule.
+        schedule = time_budget_schedule(oc, self.cfg.trainer.max_steps, lambda: self._elapsed_agreed / self._budget)
         return configure_adamw(self.parameters(), oc, schedule)
 
 
