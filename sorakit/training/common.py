@@ -90,7 +90,7 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
 
 def configure_adamw(params, cfg: OptimConfig, schedule: Callable[[int], float]) -> dict:
     """The return value of `LightningModule.configure_optimizers`: AdamW + a per-step learning-rate
-    factor (`lr_lambda` or `time_budget_schedule`)."""
+    factor (`time_budget_schedule`, which is `lr_lambda` where no time budget is set)."""
     params = list(params)
     decay = [p for p in params if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in params if p.requires_grad and p.ndim < 2]  # norms and biases
