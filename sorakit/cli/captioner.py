@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 from typing import List, Optional
 
@@ -47,7 +48,9 @@ def caption(
     beams: int = typer.Option(CaptionSettings.beams, "--beams", min=1, help="Beam width; 1 = greedy decoding."),
     max_len: Optional[int] = typer.Option(CaptionSettings.max_len, "--max-len", help="Most tokens per caption (default: the model's context)."),
     batch_size: int = typer.Option(CaptionSettings.batch_size, "--batch-size", min=1, help="Clips per forward pass."),
-    workers: int = typer.Option(CaptionSettings.workers, "--workers", min=1, help="Threads decoding video."),
+    workers: int = typer.Option(CaptionSettings.workers, "--workers", min=1, help="Threads decoding video, per process."),
+    processes: int = typer.Option(CaptionSettings.processes, "--processes", "-j", min=1,
+                                  help="Processes, each captioning whole shards with its own copy of the model."),
     keep_existing: bool = typer.Option(CaptionSettings.keep_existing, "--keep-existing", help="Keep the caption of samples that already have one."),
     device: str = typer.Option(CaptionSettings.device, "--device", help="auto, cpu, cuda, cuda:1, ..."),
 ):
@@ -65,10 +68,10 @@ def caption(
     list_shards(source)  # fail early, with the reason, on a bad source
     try:
         total = sum(shard_counts(Path(source)).values()) if Path(source).is_dir() else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, tarfile.TarError):  # an unreadable shard is reported by the job itself
         total = None
     settings = CaptionSettings(frames=frames, beams=beams, max_len=max_len, batch_size=batch_size, workers=workers,
-                               keep_existing=keep_existing, device=device)
+                               processes=processes, keep_existing=keep_existing, device=device)
     columns = [TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} clips/s"),
                TimeRemainingColumn()]
     with Progress(*columns, console=console) as bar:
@@ -84,6 +87,8 @@ def caption(
         f"{out}: {summary['captioned']} captioned, {summary['kept']} kept, {summary['errors']} skipped "
         f"(see errors.jsonl), {summary['skipped_shards']} shards already done; {summary['clips_per_s']:.1f} clips/s"
     )
+    if summary["failed_shards"]:
+        raise UserError(f"{len(summary['failed_shards'])} shards not captioned ({summary['failed_shards'][0]}, ...)")
 
 
 @captioner_app.command("eval")

@@ -21,6 +21,7 @@ import numpy as np
 
 from sorakit.data.shards import ERRORS_NAME, iter_tar_samples, list_shards, read_manifest, write_manifest, write_tar_atomic
 from sorakit.utils.fs import append_jsonl, exclusive_lock, read_jsonl
+from sorakit.utils.procs import run_each, spread_device
 
 if TYPE_CHECKING:  # imported where used, so the CLI starts without loading torch
     import torch
@@ -131,33 +132,81 @@ class CaptionSettings:
     beams: int = 1
     max_len: int | None = None
     batch_size: int = 16
-    workers: int = 2  # decoding threads
+    workers: int = 2  # decoding threads (per process)
+    processes: int = 1  # processes, each captioning whole shards with its own copy of the model
     keep_existing: bool = False  # samples that already have a caption keep it
     device: str = "auto"
 
 
-def caption_shards(src, model_dir: str | Path, out_dir: str | Path, settings: CaptionSettings | None = None,
-                   progress: Callable[[int], None] | None = None) -> dict:
-    """Re-caption every shard of `src` into `out_dir`; returns a summary (counts, clips/s).
+_WORKER: dict = {}  # the captioner of this process (`run_each`'s init loads it)
 
-    `progress(n)` is called after each batch with the number of samples done.
-    """
+
+def _init_worker(slot: int, threads: int, model_dir: str, device: str) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    _WORKER["model"] = load_captioner(model_dir, spread_device(str(_device(device)), slot))
+
+
+def caption_shard(shard: str, out_dir: str, settings: CaptionSettings,
+                  progress: Callable[[int], None] | None = None) -> dict:
+    """Re-caption one shard into `out_dir/<same name>` with this process's captioner; returns its
+    record: `name`, `count` (samples written), `captioned`, `kept` and `errors` (samples left out)."""
     import torch
 
     from sorakit.models.captioner import DecodeOptions, caption_clips
 
+    model, s = _WORKER["model"], settings
+    num_frames = s.frames or model.config.num_frames
+    opts = DecodeOptions(max_len=s.max_len, num_beams=s.beams)
+    keep = (lambda m: sample_caption(m, sample_meta(m)) is not None) if s.keep_existing else None
+    record = {"name": Path(shard).name, "count": 0, "captioned": 0, "kept": 0, "errors": []}
+
+    def samples() -> Iterator[tuple[str, dict]]:
+        for batch in iter_prepared(Path(shard), num_frames, model.config.vision.image_size, batch_size=s.batch_size,
+                                   workers=s.workers, skip=keep):
+            todo = [p for p in batch if p.frames is not None]
+            captions = caption_clips(model, torch.stack([p.frames for p in todo]), opts) if todo else []
+            new = dict(zip((p.key for p in todo), captions))
+            for p in batch:
+                if p.error is not None:
+                    record["errors"].append({"source": f"{shard}:{p.key}", "reason": p.error})
+                    continue
+                yield p.key, recaptioned(p.members, new.get(p.key))
+                record["captioned" if p.key in new else "kept"] += 1
+            if progress:
+                progress(len(batch))
+
+    record["count"] = write_tar_atomic(Path(out_dir) / record["name"], samples())
+    return record
+
+
+def caption_shards(src, model_dir: str | Path, out_dir: str | Path, settings: CaptionSettings | None = None,
+                   progress: Callable[[int], None] | None = None) -> dict:
+    """Re-caption every shard of `src` into `out_dir`; returns a summary (counts, clips/s, and
+    `failed_shards`: those that could not be read, with the reason).
+
+    `progress(n)` is called with the number of samples done: after each batch in one process, after
+    each shard with `settings.processes` > 1.
+    """
+    from sorakit.models.io import read_model_config
+
     s = settings or CaptionSettings()
+    if s.processes < 1:
+        raise ValueError(f"processes must be at least 1, got {s.processes}")
     shards = list_shards(src)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if any(p.resolve().parent == out.resolve() for p in shards):
         raise ValueError(f"{out}: the output directory must differ from the input shards' directory")
-    model = load_captioner(model_dir, s.device)
-    num_frames = s.frames or model.config.num_frames
-    if num_frames > model.config.num_frames:
-        raise ValueError(f"--frames {num_frames}: {model_dir} takes at most {model.config.num_frames} frames per clip")
-    opts = DecodeOptions(max_len=s.max_len, num_beams=s.beams)
-    image_size = model.config.vision.image_size
+    config = read_model_config(model_dir)
+    if config["kind"] != "captioner":
+        raise ValueError(f"{model_dir}: not a captioner model directory (kind {config['kind']!r})")
+    most = config["config"]["num_frames"]
+    num_frames = s.frames or most
+    if num_frames > most:
+        raise ValueError(f"--frames {num_frames}: {model_dir} takes at most {most} frames per clip")
     errors_path = out / ERRORS_NAME
     settings_record = {"source": str(src), "model": str(model_dir), "frames": num_frames, "beams": s.beams,
                        "max_len": s.max_len, "keep_existing": s.keep_existing}
@@ -165,43 +214,44 @@ def caption_shards(src, model_dir: str | Path, out_dir: str | Path, settings: Ca
     manifest = read_manifest(out)
     if manifest:
         done = {x["name"]: int(x["count"]) for x in manifest.get("shards", [])}
-    summary = {"shards": len(shards), "skipped_shards": 0, "captioned": 0, "kept": 0, "errors": 0, "seconds": 0.0}
+    summary = {"shards": len(shards), "skipped_shards": 0, "captioned": 0, "kept": 0, "errors": 0,
+               "failed_shards": [], "seconds": 0.0}
     start = time.perf_counter()
     with exclusive_lock(out / ".caption.lock"):
         known_errors = {(e.get("source"), e.get("reason")) for e in read_jsonl(errors_path)}
+        todo = []
         for shard in shards:
             target = out / shard.name
-            if target.exists():  # written atomically, so it is complete: resume skips it
-                if shard.name not in done:
-                    from sorakit.data.shards import count_tar_samples
-
-                    done[shard.name] = count_tar_samples(target)
-                summary["skipped_shards"] += 1
-                if progress:
-                    progress(done[shard.name])
+            if not target.exists():
+                todo.append(str(shard))
                 continue
+            # written atomically, so it is complete: resume skips it
+            if shard.name not in done:
+                from sorakit.data.shards import count_tar_samples
 
-            def samples() -> Iterator[tuple[str, dict]]:
-                keep = (lambda m: sample_caption(m, sample_meta(m)) is not None) if s.keep_existing else None
-                for batch in iter_prepared(shard, num_frames, image_size, batch_size=s.batch_size,
-                                           workers=s.workers, skip=keep):
-                    todo = [p for p in batch if p.frames is not None]
-                    captions = caption_clips(model, torch.stack([p.frames for p in todo]), opts) if todo else []
-                    new = dict(zip((p.key for p in todo), captions))
-                    for p in batch:
-                        if p.error is not None:
-                            summary["errors"] += 1
-                            err = {"source": f"{shard}:{p.key}", "reason": p.error}
-                            if (err["source"], err["reason"]) not in known_errors:
-                                append_jsonl(errors_path, err)
-                            continue
-                        yield p.key, recaptioned(p.members, new.get(p.key))
-                        summary["captioned" if p.key in new else "kept"] += 1
-                    if progress:
-                        progress(len(batch))
+                done[shard.name] = count_tar_samples(target)
+            summary["skipped_shards"] += 1
+            if progress:
+                progress(done[shard.name])
 
-            done[shard.name] = write_tar_atomic(target, samples())
+        def finished(shard: str, record: dict) -> None:
+            for err in record["errors"]:
+                if (err["source"], err["reason"]) not in known_errors:
+                    append_jsonl(errors_path, err)
+            for k in ("captioned", "kept"):
+                summary[k] += record[k]
+            summary["errors"] += len(record["errors"])
+            done[record["name"]] = record["count"]
             write_manifest(out, [{"name": n, "count": c} for n, c in done.items()], settings=settings_record)
+            if progress and s.processes > 1:  # one process reports batch by batch
+                progress(record["count"] + len(record["errors"]))
+
+        work = functools.partial(caption_shard, out_dir=str(out), settings=s,
+                                 progress=progress if s.processes == 1 else None)
+        failures = run_each(work, todo, processes=s.processes, init=_init_worker, initargs=(str(model_dir), s.device),
+                            on_done=finished)
+        summary["failed_shards"] = [f"{shard}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                                    for shard, e in failures]
         write_manifest(out, [{"name": n, "count": c} for n, c in done.items()], settings=settings_record)
     summary["seconds"] = time.perf_counter() - start
     n = summary["captioned"] + summary["kept"]

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from sorakit.utils.fs import atomic_write_json, exclusive_lock
+from sorakit.utils.procs import run_each, spread_device
 
 log = logging.getLogger(__name__)
 
@@ -82,26 +83,18 @@ def resolve_device(device: str) -> str:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(model_dir: str, device: str, threads: int, features: str | None = None) -> None:
+def _init_worker(slot: int, threads: int, model_dir: str, device: str, features: str | None = None) -> None:
     import torch
 
     from sorakit.models.io import load_pretrained
 
     if threads:
         torch.set_num_threads(threads)
+    device = spread_device(device, slot)
     _WORKER["vae"] = load_pretrained(model_dir, kind="vae", map_location=device).to(device)
     _WORKER["captioner"] = None
     if features:
         _WORKER["captioner"] = load_pretrained(features, kind="captioner", map_location=device).to(device).eval()
-
-
-def _init_pool_worker(*args) -> None:
-    """A pool worker's initializer: `_init_worker`, and die with the job. Only in the pool: the
-    single-worker path runs in the job's own process, which must not die with its shell (`nohup`)."""
-    from sorakit.utils.procs import die_with_parent
-
-    die_with_parent()
-    _init_worker(*args)
 
 
 def tensor_bytes(x, key: str) -> bytes:
@@ -252,40 +245,18 @@ def encode_shards(
         raise ValueError(f"{out}: the output directory must not be the input directory")
     (out / STATE_DIR / "done").mkdir(parents=True, exist_ok=True)
     device = resolve_device(settings.device)
-    failed: list[str] = []
     with exclusive_lock(out / STATE_DIR / "lock"):
         for tmp in out.glob(".*.tmp"):  # temporaries of a killed run
             tmp.unlink(missing_ok=True)
         todo = [p for p in paths if not (out / STATE_DIR / "done" / f"{p.name}.json").is_file()]
-        workers = min(settings.workers, max(1, len(todo)))
-        if workers <= 1:
-            _init_worker(str(model_dir), device, 0, settings.features)
-            for p in todo:
-                try:
-                    rec = encode_shard(str(p), str(out), settings)
-                except Exception as e:
-                    log.error("%s: not encoded (%s)", p, e)
-                    failed.append(p.name)
-                    continue
-                if progress:
-                    progress(rec["count"])
-        else:
-            import multiprocessing as mp
 
-            threads = max(1, (os.cpu_count() or 1) // workers)
-            # spawn: a forked copy of a process that already ran torch threads can deadlock.
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_pool_worker,
-                                     initargs=(str(model_dir), device, threads, settings.features)) as pool:
-                futures = {pool.submit(encode_shard, str(p), str(out), settings): p.name for p in todo}
-                pending = set(futures)
-                while pending:
-                    finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        if fut.exception() is not None:
-                            log.error("%s: not encoded (%s)", futures[fut], fut.exception())
-                            failed.append(futures[fut])
-                        elif progress:
-                            progress(fut.result()["count"])
+        failures = run_each(functools.partial(encode_shard, out_dir=str(out), settings=settings), [str(p) for p in todo],
+                            processes=settings.workers, init=_init_worker,
+                            initargs=(str(model_dir), device, settings.features),
+                            on_done=(lambda _, record: progress(record["count"])) if progress else None)
+        for shard, e in failures:
+            log.error("%s: not encoded (%s)", shard, e)
+        failed = [Path(shard).name for shard, _ in failures]
         source = ",".join(str(p) for p in sorted({p.parent for p in paths}))
         manifest = _merge(out, names, model_dir, settings, source)
     return EncodeResult(out, manifest, len(todo) - len(failed), failed)

@@ -124,6 +124,39 @@ def test_resume_skips_finished_shards(data, tmp_path):
     assert {s["name"] for s in read_manifest(out)["shards"]} == {"shard-000000.tar", "shard-000001.tar"}
 
 
+def test_processes_write_the_same_shards(data, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    a = caption_shards(data["shards"], data["model"], one, CaptionSettings(max_len=6))
+    seen = []
+    b = caption_shards(data["shards"], data["model"], two, CaptionSettings(max_len=6, processes=2), progress=seen.append)
+    assert sorted(seen) == [3, 4]  # per shard, broken clip included: all 7 samples accounted for
+    assert {k: b[k] for k in ("captioned", "kept", "errors", "failed_shards")} == \
+        {k: a[k] for k in ("captioned", "kept", "errors", "failed_shards")}
+    for p in sorted(one.glob("*.tar")):
+        assert dict(iter_tar_samples(p)) == dict(iter_tar_samples(two / p.name))
+    assert read_jsonl(one / "errors.jsonl") == read_jsonl(two / "errors.jsonl")
+    assert read_manifest(one)["shards"] == read_manifest(two)["shards"]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_an_unreadable_shard_is_reported_and_the_others_are_captioned(data, tmp_path, capsys, processes):
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in data["shards"].glob("*.tar"):
+        (src / p.name).write_bytes(p.read_bytes())
+    (src / "shard-000009.tar").write_bytes(b"not a tar archive")
+    out = tmp_path / "out"
+    summary = caption_shards(src, data["model"], out, CaptionSettings(max_len=4, processes=processes))
+    assert len(summary["failed_shards"]) == 1 and "shard-000009.tar" in summary["failed_shards"][0]
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+    assert {s["name"] for s in read_manifest(out)["shards"]} == {"shard-000000.tar", "shard-000001.tar"}
+    out2 = tmp_path / "cli"
+    assert main(["caption", str(src), "--model", str(data["model"]), "--out", str(out2), "--max-len", "4",
+                 "-j", str(processes)]) == 1
+    err = capsys.readouterr().err
+    assert "1 shards not captioned" in err and "shard-000009.tar" in err
+
+
 def test_cli_caption_one_file_and_errors(data, capsys, tmp_path):
     clip = sorted((data["root"] / "clips").glob("*.mp4"))[0]
     assert main(["caption", str(clip), "--model", str(data["model"])]) == 0

@@ -1,4 +1,4 @@
-"""Pool workers die with the job that started them."""
+"""Pool workers die with the job that started them; `run_each` runs items here or in processes."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from sorakit.utils.procs import run_each, spread_device
 
 PARENT = """
 import multiprocessing as mp, os, sys, time
@@ -62,3 +64,42 @@ def test_a_worker_dies_when_its_job_is_killed(tmp_path):
         assert _alive(orphan)
     finally:
         os.kill(orphan, signal.SIGKILL)
+
+
+def _square_or_fail(x: int) -> tuple[int, int, str]:
+    if x == 3:
+        raise ValueError("three is broken")
+    return x * x, os.getpid(), os.environ["RUN_EACH_INIT"]
+
+
+def _note_init(slot: int, threads: int, tag: str) -> None:
+    os.environ["RUN_EACH_INIT"] = f"{tag}:{slot}:{threads}"
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_run_each_reports_every_result_and_every_failure(processes, monkeypatch):
+    monkeypatch.delenv("RUN_EACH_INIT", raising=False)
+    done = {}
+    failed = run_each(_square_or_fail, [1, 2, 3, 4, 5, 6], processes=processes, init=_note_init, initargs=("x",),
+                      on_done=lambda item, result: done.setdefault(item, result))
+    assert [(item, str(e)) for item, e in failed] == [(3, "three is broken")]  # one bad item, the rest still run
+    assert {k: v[0] for k, v in done.items()} == {1: 1, 2: 4, 4: 16, 5: 25, 6: 36}
+    pids = {pid for _, pid, _ in done.values()}
+    inits = {pid: init for _, pid, init in done.values()}
+    if processes == 1:
+        assert pids == {os.getpid()} and inits[os.getpid()] == "x:0:0"  # slot 0, torch's own thread count
+    else:
+        assert os.getpid() not in pids and "RUN_EACH_INIT" not in os.environ  # set in the workers only
+        threads = max(1, (os.cpu_count() or 1) // 2)
+        assert set(inits.values()) <= {f"x:0:{threads}", f"x:1:{threads}"}
+        assert len(set(inits.values())) == len(pids)  # every process its own slot
+
+
+def test_spread_device_shares_the_gpus_between_processes(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [spread_device("cuda", s) for s in range(6)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0", "cuda:1"]
+    assert spread_device("cuda:2", 1) == "cuda:2" and spread_device("cpu", 3) == "cpu"  # an explicit choice stays
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert spread_device("cuda", 3) == "cuda"
