@@ -20,9 +20,9 @@ Resuming: each shard is written atomically, then a record `LATENT_DIR/.encode/do
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator

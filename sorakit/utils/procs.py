@@ -66,6 +66,8 @@ def run_each(
     `on_done(item, result)` runs in this process as each item finishes.
     """
     failed: list[tuple[T, BaseException]] = []
+    if not items:  # nothing to prepare a model for
+        return failed
     processes = min(processes, len(items))
     if processes <= 1:
         init(0, 0, *initargs)

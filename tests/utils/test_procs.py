@@ -103,3 +103,11 @@ def test_spread_device_shares_the_gpus_between_processes(monkeypatch):
     assert spread_device("cuda:2", 1) == "cuda:2" and spread_device("cpu", 3) == "cpu"  # an explicit choice stays
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert spread_device("cuda", 3) == "cuda"
+
+
+def _never(*args) -> None:
+    raise AssertionError("init ran with nothing to do")
+
+
+def test_run_each_with_nothing_to_do_prepares_nothing():
+    assert run_each(_square_or_fail, [], processes=2, init=_never) == []  # resume after everything: no model load
