@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
+from sorakit.data.latents import resolve_device
 from sorakit.data.shards import ERRORS_NAME, iter_tar_samples, list_shards, read_manifest, write_manifest, write_tar_atomic
 from sorakit.utils.fs import append_jsonl, exclusive_lock, read_jsonl
 from sorakit.utils.procs import run_each, spread_device
@@ -112,18 +113,10 @@ def iter_prepared(
             yield list(pool.map(prep, batch))
 
 
-def _device(device: str) -> torch.device:
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def load_captioner(model_dir: str | Path, device: str = "auto"):
     from sorakit.models.io import load_pretrained
 
-    return load_pretrained(model_dir, kind="captioner").to(_device(device)).eval()
+    return load_pretrained(model_dir, kind="captioner").to(resolve_device(device)).eval()
 
 
 @dataclass
@@ -146,7 +139,7 @@ def _init_worker(slot: int, threads: int, model_dir: str, device: str) -> None:
 
     if threads:
         torch.set_num_threads(threads)
-    _WORKER["model"] = load_captioner(model_dir, spread_device(str(_device(device)), slot))
+    _WORKER["model"] = load_captioner(model_dir, spread_device(resolve_device(device), slot))
 
 
 def caption_shard(shard: str, out_dir: str, settings: CaptionSettings,
