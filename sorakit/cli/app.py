@@ -61,6 +61,14 @@ def fail(message: str, code: int = 1):
     raise typer.Exit(code)
 
 
+def report_trained(message: str) -> None:
+    """Print a training command's last line once: with DDP on processes, every rank returns to the CLI."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        console.print(message)
+
+
 def handle_errors(fn):
     """Turn expected failures into a one-line error naming the file and the reason."""
 

@@ -9,7 +9,8 @@ from typing import List, Optional
 
 import typer
 
-from sorakit.cli.app import CONFIG_HELP, SET_HELP, UserError, app, captioner_app, console, handle_errors, train_app
+from sorakit.cli.app import (CONFIG_HELP, SET_HELP, UserError, app, captioner_app, console, handle_errors, report_trained,
+                             train_app)
 from sorakit.data.captioning import CaptionSettings
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
@@ -35,7 +36,7 @@ def train_captioner(
         overrides.append(f"init={init}")
     cfg = load_config(TrainCaptionerConfig, config, overrides)
     path = run(cfg, resume=resume)
-    console.print(f"captioner written to {path} (text encoder: {path / 'text_encoder'})")
+    report_trained(f"captioner written to {path} (text encoder: {path / 'text_encoder'})")
 
 
 @app.command("caption")

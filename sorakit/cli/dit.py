@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from sorakit.cli.app import CONFIG_HELP, SET_HELP, console, handle_errors, train_app
+from sorakit.cli.app import CONFIG_HELP, SET_HELP, handle_errors, report_trained, train_app
 
 
 @train_app.command("dit")
@@ -27,7 +27,4 @@ def train_dit(
         overrides.append(f"out={out}")
     cfg = load_config(TrainDiTConfig, config, overrides)
     path = run(cfg, resume=resume)
-    from lightning.pytorch.utilities import rank_zero_only
-
-    if rank_zero_only.rank == 0:  # with DDP on processes, every rank returns here
-        console.print(f"pipeline written to {path} (sample with: sorakit sample \"PROMPT\" --model {path} --out OUT.mp4)")
+    report_trained(f"pipeline written to {path} (sample with: sorakit sample \"PROMPT\" --model {path} --out OUT.mp4)")

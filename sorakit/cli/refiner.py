@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from sorakit.cli.app import CONFIG_HELP, SET_HELP, UserError, app, console, eval_app, handle_errors, train_app
+from sorakit.cli.app import CONFIG_HELP, SET_HELP, UserError, app, console, eval_app, handle_errors, report_trained, train_app
 
 MODEL = typer.Option(..., "--model", "-m", help="Trained refiner directory (written by `sorakit train refiner`).")
 VAE = typer.Option(None, "--vae", help="VAE directory (default: the one the refiner was trained with).")
@@ -34,7 +34,7 @@ def train_refiner(
     overrides = list(set_) + ([f"out={out}"] if out is not None else [])
     cfg = load_config(TrainRefinerConfig, config, overrides)
     path = run(cfg, resume=resume)
-    console.print(f"refiner written to {path}")
+    report_trained(f"refiner written to {path}")
 
 
 @app.command("set-refiners")

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from sorakit.cli.app import CONFIG_HELP, SET_HELP, UserError, app, console, handle_errors, train_app, vae_app
+from sorakit.cli.app import CONFIG_HELP, SET_HELP, UserError, app, console, handle_errors, report_trained, train_app, vae_app
 from sorakit.data.latents import EncodeSettings
 
 DEVICE_HELP = "auto, cpu, cuda, cuda:1, ..."
@@ -29,7 +29,7 @@ def train_vae(
     overrides = list(set_) + ([f"out={out}"] if out is not None else [])
     cfg = load_config(TrainVAEConfig, config, overrides)
     path = run(cfg, resume=resume)
-    console.print(f"VAE written to {path}")
+    report_trained(f"VAE written to {path}")
 
 
 @vae_app.command("reconstruct")

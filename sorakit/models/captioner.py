@@ -362,19 +362,25 @@ def _init_decoder(decoder: nn.Module) -> None:
     nn.init.normal_(decoder.text_projection, std=width**-0.5)
 
 
-def captioner_losses(out: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+def captioner_losses(out: dict[str, torch.Tensor], pad_id: int,
+                     gathered: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """CoCa's two losses: symmetric InfoNCE between video and caption embeddings, and captioning CE.
 
     Duplicate captions in a batch (common when a dataset has few distinct captions) are treated as
     positives of each other, so the contrastive loss does not push apart videos with the same text.
+
+    Under data parallelism, `gathered` holds every rank's `video_features`, `text_features` and
+    `labels` (this rank's among them, the features with their gradient): this rank's videos and
+    captions are contrasted against all of them (open_clip's `local_loss`), so the negatives are the
+    global batch's, and the ranks' mean, which DDP's gradient averaging takes, is the global batch's loss.
     """
-    v, t, scale = out["video_features"], out["text_features"], out["logit_scale"]
-    logits = scale * v @ t.T  # (B, B)
-    ids = out["labels"]
-    same = (ids[:, None, :] == ids[None, :, :]).all(-1).float()  # (B, B): identical captions
+    v, t, scale, ids = out["video_features"], out["text_features"], out["logit_scale"], out["labels"]
+    all_v, all_t, all_ids = (v, t, ids) if gathered is None else (
+        gathered["video_features"], gathered["text_features"], gathered["labels"])
+    same = (ids[:, None, :] == all_ids[None, :, :]).all(-1).float()  # (b, B): identical captions
     target = same / same.sum(1, keepdim=True)
-    contrastive = 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean()
-                         + torch.sum(-target.T * logits.T.log_softmax(1), 1).mean())
+    contrastive = 0.5 * (torch.sum(-target * (scale * v @ all_t.T).log_softmax(1), 1).mean()
+                         + torch.sum(-target * (scale * t @ all_v.T).log_softmax(1), 1).mean())
     caption = F.cross_entropy(out["logits"].flatten(0, 1), out["labels"].flatten(), ignore_index=pad_id)
     return {"contrastive": contrastive, "caption": caption}
 

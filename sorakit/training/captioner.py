@@ -26,7 +26,8 @@ import lightning as L
 import torch
 
 from sorakit.config import from_dict, save_config, to_dict
-from sorakit.training.common import BudgetedOptimisation, OptimConfig, TrainerConfig, build_trainer, fit
+from sorakit.training.common import (BudgetedOptimisation, OptimConfig, TrainerConfig, build_trainer, fit,
+                                     log_trained_steps, trained_steps)
 
 
 @dataclass
@@ -185,12 +186,17 @@ class CaptionerModule(BudgetedOptimisation, L.LightningModule):
         from sorakit.models.captioner import captioner_losses
 
         out = self.model(batch["frames"], batch["ids"])
-        losses = captioner_losses(out, self.model.pad_id)
+        gathered = None
+        if self.trainer.world_size > 1:  # contrast against every rank's clips, not only this rank's
+            gathered = {k: self.all_gather(out[k], sync_grads=k != "labels").flatten(0, 1)
+                        for k in ("video_features", "text_features", "labels")}
+        losses = captioner_losses(out, self.model.pad_id, gathered)
         loss = self.cfg.contrastive_weight * losses["contrastive"] + self.cfg.caption_weight * losses["caption"]
         bs = batch["ids"].shape[0]
         self.log("loss", loss, prog_bar=True, batch_size=bs)
         self.log("contrastive", losses["contrastive"], prog_bar=True, batch_size=bs)
         self.log("caption", losses["caption"], prog_bar=True, batch_size=bs)
+        log_trained_steps(self, bs)
         return loss
 
 
@@ -219,8 +225,9 @@ class CaptionerData(L.LightningDataModule):
                                                           seed=self.cfg.trainer.seed, drop_last=True)
             return torch.utils.data.DataLoader(self.dataset, batch_size=d.batch_size, sampler=sampler,
                                                drop_last=True, collate_fn=collate)
+        # drop_last: the ranks' batches are gathered for the contrastive loss, so they must be equal.
         return torch.utils.data.DataLoader(self.dataset, batch_size=d.batch_size, num_workers=d.num_workers,
-                                           collate_fn=collate, persistent_workers=d.num_workers > 0)
+                                           collate_fn=collate, persistent_workers=d.num_workers > 0, drop_last=True)
 
 
 def resolve_model_config(cfg: TrainCaptionerConfig, out: Path, resume: bool):
@@ -261,6 +268,6 @@ def train_captioner(cfg: TrainCaptionerConfig, resume: bool = False) -> Path:
     fit(trainer, module, CaptionerData(cfg, model_config), out, resume)
     if trainer.is_global_zero:
         model = module.model.cpu().eval()
-        save_pretrained(model, out, extra={"trained_steps": int(trainer.global_step), "data": cfg.data.shards})
+        save_pretrained(model, out, extra={"trained_steps": trained_steps(trainer), "data": cfg.data.shards})
         export_text_encoder(model, out / "text_encoder")
     return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.loggers import CSVLogger
@@ -179,6 +180,17 @@ class BudgetedOptimisation:
         # Without a time budget the share used stays 0 (0 / inf), which is the plain step schedule.
         schedule = time_budget_schedule(oc, self.cfg.trainer.max_steps, lambda: self._elapsed_agreed / self._budget)
         return configure_adamw(self.parameters(), oc, schedule)
+
+
+def log_trained_steps(module: L.LightningModule, batch_size: int) -> None:
+    """Log the steps trained as a metric (in `training_step`): with ddp_spawn the main process's Trainer
+    never steps, and only logged metrics come back from the worker processes (`trained_steps`)."""
+    module.log("trained_steps", float(module.global_step + 1), batch_size=batch_size)
+
+
+def trained_steps(trainer: L.Trainer) -> int:
+    """The steps trained, for an exported model's metadata, whatever the strategy."""
+    return max(trainer.global_step, int(trainer.callback_metrics.get("trained_steps", 0)))
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:

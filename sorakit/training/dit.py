@@ -54,7 +54,8 @@ from sorakit.diffusion import (
     target,
     training_shift,
 )
-from sorakit.training.common import BudgetedOptimisation, OptimConfig, TrainerConfig, build_trainer, fit
+from sorakit.training.common import (BudgetedOptimisation, OptimConfig, TrainerConfig, build_trainer, fit,
+                                     log_trained_steps, trained_steps)
 
 MASK_MODES: tuple[str, ...] = ("t2v", "i2v", "forward", "backward", "interpolate")
 
@@ -322,8 +323,7 @@ class DiTModule(BudgetedOptimisation, L.LightningModule):
             self.log("repa", self.repa.last_loss, batch_size=n)  # 1 − cos, before its weight
         self.log("utilisation", packed.utilisation, prog_bar=True, batch_size=n)
         self.log("videos", float(n), batch_size=n)
-        # Also a metric, because with ddp_spawn only metrics (not the step count) reach the main process.
-        self.log("trained_steps", float(self.global_step + 1), batch_size=n)
+        log_trained_steps(self, n)
         now = time.perf_counter()
         if self._t0 is not None:
             self.log("tokens_per_s", packed.real_tokens / max(now - self._t0, 1e-6), batch_size=n)
@@ -530,7 +530,6 @@ def train_dit(cfg: TrainDiTConfig, resume: bool = False, source: Callable[[int],
     fit(trainer, module, data, out, resume)
     if trainer.is_global_zero:
         dit = module.dit.cpu().eval()
-        steps = max(trainer.global_step, int(trainer.callback_metrics.get("trained_steps", 0)))
         export_pipeline(out, dit, cfg.diffusion, cfg.vae, cfg.text_encoder,
-                        extra={"trained_steps": steps, "data": cfg.data.shards})
+                        extra={"trained_steps": trained_steps(trainer), "data": cfg.data.shards})
     return out

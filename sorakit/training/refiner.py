@@ -41,7 +41,8 @@ from sorakit.data.packing import VIDEO_WEIGHTINGS, pack, per_video_loss
 from sorakit.diffusion import alpha_sigma, loss_weight, network_time, sample_t, target, training_shift
 from sorakit.generation.refine import downsample_video
 from sorakit.models.refiner import Refiner, RefinerConfig, Scales, refined_shape, refiner_config, upsample_latent
-from sorakit.training.common import BudgetedOptimisation, OptimConfig, TrainerConfig, build_trainer, fit
+from sorakit.training.common import (BudgetedOptimisation, OptimConfig, TrainerConfig, build_trainer, fit,
+                                     log_trained_steps, trained_steps)
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (high-res latent, low-res latent)
 PIXELS = "pixels"  # `vae: pixels`: refine in pixel space (the identity VAE, `sorakit.models.vae` kind "pixels")
@@ -343,6 +344,7 @@ class RefinerModule(BudgetedOptimisation, L.LightningModule):
         pairs = batch["pairs"]
         loss, _ = refiner_loss(self.model, pairs, self.cfg.aug_max, self.cfg.video_weighting, self.cfg.data.max_tokens)
         self.log("loss", loss, prog_bar=True, batch_size=len(pairs))
+        log_trained_steps(self, len(pairs))
         return loss
 
 
@@ -382,6 +384,6 @@ def train_refiner(cfg: TrainRefinerConfig, resume: bool = False) -> Path:
     if trainer.is_global_zero:
         save_pretrained(
             module.model.cpu().eval(), out,
-            extra={"vae": _relative(Path(cfg.vae), out), "trained_steps": int(trainer.global_step), "data": cfg.data.shards},
+            extra={"vae": _relative(Path(cfg.vae), out), "trained_steps": trained_steps(trainer), "data": cfg.data.shards},
         )
     return out

@@ -122,6 +122,59 @@ def test_duplicate_captions_are_positives():
     assert captioner_losses(out, m.pad_id)["contrastive"].item() == pytest.approx(math.log(2), abs=1e-3)
 
 
+# Four clips, captions 0 and 3 the same: split over two ranks, a positive pair spans both.
+GLOBAL_CAPTIONS = [CAPTIONS[0], CAPTIONS[1], CAPTIONS[2], CAPTIONS[0]]
+
+
+def _contrastive_grads(m: VideoCoCa, rows: slice, gather) -> dict[str, torch.Tensor]:
+    x, ids = clips(m, 4)[rows], m.tokenizer(GLOBAL_CAPTIONS[rows])
+    out = m(x, ids)
+    gathered = None if gather is None else {k: gather(out[k]) for k in ("video_features", "text_features", "labels")}
+    m.zero_grad()
+    captioner_losses(out, m.pad_id, gathered)["contrastive"].backward()
+    return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def _rank_grads(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dnn
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        def gather(x: torch.Tensor) -> torch.Tensor:  # as Lightning's all_gather(sync_grads=True), flattened
+            if x.is_floating_point():
+                return torch.cat(dnn.all_gather(x))
+            parts = [torch.empty_like(x) for _ in range(world)]
+            dist.all_gather(parts, x)
+            return torch.cat(parts)
+
+        per = 4 // world
+        grads = _contrastive_grads(tiny(), slice(rank * per, (rank + 1) * per), gather)
+        for g in grads.values():  # DDP's gradient mean
+            dist.all_reduce(g)
+            g /= world
+        if rank == 0:
+            torch.save(grads, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_contrastive_loss_over_ranks_is_the_global_batchs(tmp_path):
+    """Two data-parallel ranks with two clips each, their features gathered, train as one process on
+    all four: negatives and duplicate-caption positives come from the other rank's clips too."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "grads.pt"
+    mp.spawn(_rank_grads, args=(2, f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=2)
+    ranks = torch.load(out, weights_only=True)
+    whole = _contrastive_grads(tiny(), slice(0, 4), None)
+    local = _contrastive_grads(tiny(), slice(0, 2), None)  # what rank 0 computed without gathering
+    assert ranks.keys() == whole.keys()
+    for name, g in whole.items():
+        assert (ranks[name] - g).norm() <= 1e-4 * g.norm(), name
+    assert any((local[n] - g).norm() > 0.1 * g.norm() for n, g in whole.items())
+
+
 @pytest.fixture(scope="module")
 def overfit() -> VideoCoCa:
     """A tiny model trained to caption three clips exactly."""

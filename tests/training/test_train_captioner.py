@@ -53,3 +53,19 @@ def test_config_errors_are_clear(tmp_path):
         load_config(TrainCaptionerConfig, "recipes/toy/captioner.yaml", ["data.batch_size=1"])
     assert main(["train", "captioner", "--config", "recipes/toy/captioner.yaml", "--set",
                  f"data.shards={tmp_path / 'none'}", "--out", str(tmp_path / "o")]) == 1
+
+
+def test_ddp_training_gathers_the_ranks_clips_for_the_contrastive_loss(tmp_path):
+    """Two CPU processes of two clips each train and export one model (the loss over gathered
+    features is checked against one process's in tests/models/test_captioner.py)."""
+    shards = make_toy_shards(tmp_path, 8, 4)
+    out = tmp_path / "ddp"
+    assert main(["train", "captioner", "--config", "recipes/toy/captioner.yaml", "--out", str(out),
+                 "--set", f"data.shards={shards}", "--set", "preset=tiny", "--set", "data.batch_size=2",
+                 "--set", "trainer.devices=2", "--set", "trainer.strategy=ddp_spawn", "--set", "cpu_threads=1",
+                 "--set", "trainer.max_steps=2", "--set", "trainer.log_every_n_steps=1",
+                 "--set", "optim.warmup_steps=1"]) == 0
+    assert read_model_config(out)["trained_steps"] == 2
+    assert steps_logged(out) == [0, 1]
+    # The weights trained in the worker processes came back: the zero-initialised motion stem moved.
+    assert load_pretrained(out).motion_stem.weight.abs().max() > 0
