@@ -362,6 +362,10 @@ def _init_decoder(decoder: nn.Module) -> None:
     nn.init.normal_(decoder.text_projection, std=width**-0.5)
 
 
+# What `captioner_losses` contrasts: under data parallelism, every rank's of these (`gathered`).
+CONTRASTIVE_KEYS = ("video_features", "text_features", "labels")
+
+
 def captioner_losses(out: dict[str, torch.Tensor], pad_id: int,
                      gathered: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """CoCa's two losses: symmetric InfoNCE between video and caption embeddings, and captioning CE.
@@ -369,14 +373,13 @@ def captioner_losses(out: dict[str, torch.Tensor], pad_id: int,
     Duplicate captions in a batch (common when a dataset has few distinct captions) are treated as
     positives of each other, so the contrastive loss does not push apart videos with the same text.
 
-    Under data parallelism, `gathered` holds every rank's `video_features`, `text_features` and
-    `labels` (this rank's among them, the features with their gradient): this rank's videos and
-    captions are contrasted against all of them (open_clip's `local_loss`), so the negatives are the
-    global batch's, and the ranks' mean, which DDP's gradient averaging takes, is the global batch's loss.
+    Under data parallelism, `gathered` holds every rank's `CONTRASTIVE_KEYS` (this rank's among
+    them, the features with their gradient): this rank's videos and captions are contrasted against
+    all of them (open_clip's `local_loss`), so the negatives are the global batch's, and the ranks'
+    mean, which DDP's gradient averaging takes, is the global batch's loss.
     """
     v, t, scale, ids = out["video_features"], out["text_features"], out["logit_scale"], out["labels"]
-    all_v, all_t, all_ids = (v, t, ids) if gathered is None else (
-        gathered["video_features"], gathered["text_features"], gathered["labels"])
+    all_v, all_t, all_ids = (v, t, ids) if gathered is None else (gathered[k] for k in CONTRASTIVE_KEYS)
     same = (ids[:, None, :] == all_ids[None, :, :]).all(-1).float()  # (b, B): identical captions
     target = same / same.sum(1, keepdim=True)
     contrastive = 0.5 * (torch.sum(-target * (scale * v @ all_t.T).log_softmax(1), 1).mean()

@@ -183,13 +183,13 @@ class CaptionerModule(BudgetedOptimisation, L.LightningModule):
         self.model = VideoCoCa(model_config)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        from sorakit.models.captioner import captioner_losses
+        from sorakit.models.captioner import CONTRASTIVE_KEYS, captioner_losses
 
         out = self.model(batch["frames"], batch["ids"])
         gathered = None
         if self.trainer.world_size > 1:  # contrast against every rank's clips, not only this rank's
             gathered = {k: self.all_gather(out[k], sync_grads=k != "labels").flatten(0, 1)
-                        for k in ("video_features", "text_features", "labels")}
+                        for k in CONTRASTIVE_KEYS}
         losses = captioner_losses(out, self.model.pad_id, gathered)
         loss = self.cfg.contrastive_weight * losses["contrastive"] + self.cfg.caption_weight * losses["caption"]
         bs = batch["ids"].shape[0]

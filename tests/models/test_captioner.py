@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from sorakit.models.captioner import (
+    CONTRASTIVE_KEYS,
     DecodeOptions,
     VideoCoCa,
     _constrain,
@@ -129,7 +130,7 @@ GLOBAL_CAPTIONS = [CAPTIONS[0], CAPTIONS[1], CAPTIONS[2], CAPTIONS[0]]
 def _contrastive_grads(m: VideoCoCa, rows: slice, gather) -> dict[str, torch.Tensor]:
     x, ids = clips(m, 4)[rows], m.tokenizer(GLOBAL_CAPTIONS[rows])
     out = m(x, ids)
-    gathered = None if gather is None else {k: gather(out[k]) for k in ("video_features", "text_features", "labels")}
+    gathered = None if gather is None else {k: gather(out[k]) for k in CONTRASTIVE_KEYS}
     m.zero_grad()
     captioner_losses(out, m.pad_id, gathered)["contrastive"].backward()
     return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
