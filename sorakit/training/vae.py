@@ -64,6 +64,10 @@ class VAELossConfig:
     # and edges are not written as ringing codes. Weight of that term; 0 = off. On the toy world it
     # smoothed the latents at equal PSNR, but the toy DiT did worse on them (docs/vae.md).
     equivariance_weight: float = 0.0
+    # Latent denoising (l-DeTok, Yang et al. 2025): decode z + τ·std(z)·ε, τ uniform in [0, this] per
+    # clip, so the decoder draws clean frames from the imprecise latents a DiT makes and the encoder
+    # writes what it must keep in a form noise does not erase. 0 = off.
+    latent_noise: float = 0.0
 
 
 @dataclass
@@ -232,9 +236,14 @@ def reconstruction_loss(kind: str, recon: torch.Tensor, target: torch.Tensor) ->
 
 
 def autoencoder_loss(vae: VAE, x: torch.Tensor, lc: VAELossConfig) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """Reconstruction + KL (+ the half-scale equivariance term): (loss, its parts, reconstruction)."""
+    """Reconstruction (of the noised latent, with `latent_noise`) + KL (+ the half-scale equivariance
+    term): (loss, its parts, reconstruction)."""
     posterior = vae.encode(x)
     z = posterior.sample()
+    if lc.latent_noise > 0:  # the noise follows the latent's own scale, so growing the latent cannot outrun it
+        tau = torch.rand(z.shape[0], *(1,) * (z.dim() - 1), device=z.device, dtype=z.dtype) * lc.latent_noise
+        scale = z.detach().std(dim=(0, *range(2, z.dim())), keepdim=True)  # per channel
+        z = z + tau * scale * torch.randn_like(z)
     recon = vae.decode(z)
     rec = reconstruction_loss(lc.reconstruction, recon, x)
     kl = posterior.kl().mean()

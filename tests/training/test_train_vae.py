@@ -181,3 +181,30 @@ def test_equivariance_term_decodes_the_pooled_latent_against_the_pooled_frames(t
     z = vae.encode(odd).sample()
     expected = F.mse_loss(vae.decode(F.avg_pool3d(z[..., :4, :], half)), F.avg_pool3d(odd[..., :16, :], half))
     torch.testing.assert_close(logs["equivariance"], expected)
+
+
+def test_latent_noise_decodes_a_noised_draw_at_the_latents_own_scale(toy_world):
+    """`loss.latent_noise` decodes z + τ·std(z)·ε, τ uniform in [0, latent_noise] per clip and std per
+    channel, so the noise keeps its size against the latent however large the encoder makes it."""
+    from sorakit.media import read_video
+    from sorakit.models.vae import vae_config
+
+    clips = [read_video(p)[:5, :32, :32] for p in sorted(toy_world.glob("*.mp4"))[:2]]
+    x = to_model_input(torch.from_numpy(np.stack(clips)))
+    torch.manual_seed(0)
+    vae = VAE(vae_config("tiny"))
+    noisy = VAELossConfig(reconstruction="mse", latent_noise=0.8)
+    torch.manual_seed(1)
+    loss, logs, _ = autoencoder_loss(vae, x, noisy)
+    torch.manual_seed(1)
+    posterior = vae.encode(x)
+    z = posterior.sample()
+    tau = torch.rand(2, 1, 1, 1, 1) * 0.8
+    z_noisy = z + tau * z.std(dim=(0, 2, 3, 4), keepdim=True) * torch.randn_like(z)
+    expected = F.mse_loss(vae.decode(z_noisy), x)
+    torch.testing.assert_close(logs["rec"], expected)
+    torch.testing.assert_close(loss, expected + noisy.kl_weight * posterior.kl().mean())
+    torch.manual_seed(1)
+    _, plain, _ = autoencoder_loss(vae, x, VAELossConfig(reconstruction="mse"))
+    torch.testing.assert_close(plain["rec"], F.mse_loss(vae.decode(z), x))  # off: the posterior draw itself
+    assert not torch.allclose(plain["rec"], logs["rec"])
