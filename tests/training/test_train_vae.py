@@ -150,16 +150,19 @@ def test_eval_and_reconstruct_commands(trained, toy_shards, toy_world, tmp_path,
     assert main(["vae", "reconstruct", str(tmp_path / "missing.mp4"), "--model", str(trained), "--out", str(out)]) == 1
 
 
-def test_equivariance_term_decodes_the_pooled_latent_against_the_pooled_frames(toy_world):
-    """`loss.equivariance_weight` adds w·error(decode(2×2-averaged latent), 2×2-averaged frames) to the
-    loss, and only that (the same posterior draw as the full-size term)."""
+def two_clips_and_a_tiny_vae(toy_world: Path) -> tuple[torch.Tensor, VAE]:
+    """Two toy clips as a model batch (2, 3, 5, 32, 32) in [-1, 1], and a seeded tiny VAE."""
     from sorakit.media import read_video
     from sorakit.models.vae import vae_config
 
     clips = [read_video(p)[:5, :32, :32] for p in sorted(toy_world.glob("*.mp4"))[:2]]
-    x = to_model_input(torch.from_numpy(np.stack(clips)))  # (2, 3, 5, 32, 32) in [-1, 1]
     torch.manual_seed(0)
-    vae = VAE(vae_config("tiny"))
+    return to_model_input(torch.from_numpy(np.stack(clips))), VAE(vae_config("tiny"))
+
+def test_equivariance_term_decodes_the_pooled_latent_against_the_pooled_frames(toy_world):
+    """`loss.equivariance_weight` adds w·error(decode(2×2-averaged latent), 2×2-averaged frames) to the
+    loss, and only that (the same posterior draw as the full-size term)."""
+    x, vae = two_clips_and_a_tiny_vae(toy_world)
     plain = VAELossConfig(reconstruction="mse")
     with_eq = VAELossConfig(reconstruction="mse", equivariance_weight=2.0)
     half = (1, 2, 2)
@@ -186,13 +189,7 @@ def test_equivariance_term_decodes_the_pooled_latent_against_the_pooled_frames(t
 def test_latent_noise_decodes_a_noised_draw_at_the_latents_own_scale(toy_world):
     """`loss.latent_noise` decodes z + τ·std(z)·ε, τ uniform in [0, latent_noise] per clip and std per
     channel, so the noise keeps its size against the latent however large the encoder makes it."""
-    from sorakit.media import read_video
-    from sorakit.models.vae import vae_config
-
-    clips = [read_video(p)[:5, :32, :32] for p in sorted(toy_world.glob("*.mp4"))[:2]]
-    x = to_model_input(torch.from_numpy(np.stack(clips)))
-    torch.manual_seed(0)
-    vae = VAE(vae_config("tiny"))
+    x, vae = two_clips_and_a_tiny_vae(toy_world)
     noisy = VAELossConfig(reconstruction="mse", latent_noise=0.8)
     torch.manual_seed(1)
     loss, logs, _ = autoencoder_loss(vae, x, noisy)
